@@ -1,0 +1,165 @@
+"""Bytes -> mono float32 wave at the target rate, and the COLA pair sampler.
+
+Pure functions, numpy in and out, so the data workers and the tests need neither Ray
+nor a GPU. Anything wrong with one sample raises :class:`BadSample` with a ``reason``
+the pipeline counts against its error budget::
+
+    wave, orig_rate, orig_channels = decode_audio(flac_bytes, 16000)   # (T,) float32
+    anchor, positive = crop_pair(wave, 15600, rng)                     # (15600,) each
+
+Pair sampling follows the authors' code (``cola/contrastive.py``): the whole clip is
+L2-normalised, then two independent uniform random crops are cut (they may overlap);
+clips shorter than a crop are zero-padded, centred.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Mapping
+
+import numpy as np
+
+AUDIO_SUFFIXES = ("flac", "wav", "ogg", "mp3")
+"""Member suffixes read as audio, in order of preference when a sample has several."""
+
+BAD_REASONS = ("decode_error", "empty", "non_finite", "too_short", "no_audio_member", "bad_json", "bad_key")
+
+
+class BadSample(Exception):
+    """One sample that cannot be used; ``reason`` is one of :data:`BAD_REASONS`.
+
+    The message names the sample (``sample``: a key, a path or ``shard:key``) so that
+    a count in MLflow can be traced back to the data.
+    """
+
+    def __init__(self, reason: str, sample: str = "<bytes>", detail: str = ""):
+        if reason not in BAD_REASONS:
+            raise ValueError(f"unknown BadSample reason {reason!r}; known: {BAD_REASONS}")
+        self.reason = reason
+        self.sample = sample
+        self.detail = detail
+        super().__init__(f"{sample}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # keep reason/sample when pickled across Ray workers
+        return (type(self), (self.reason, self.sample, self.detail))
+
+
+def decode_audio(data: bytes, target_rate: int, *, name: str = "<bytes>") -> tuple[np.ndarray, int, int]:
+    """Decode any format soundfile reads into ``(wave, orig_rate, orig_channels)``.
+
+    ``wave``: (T,) float32, mono (mean over channels), resampled to ``target_rate``
+    (``torchaudio.functional.resample``, so T = ceil(frames * target / orig)).
+    Raises :class:`BadSample` ``decode_error`` (not audio / corrupt), ``empty`` (no
+    frames) or ``non_finite`` (NaN / inf, possible in float WAV).
+    """
+    import soundfile as sf
+
+    if not data:
+        raise BadSample("empty", name, "zero bytes")
+    try:
+        frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+    except Exception as e:  # libsndfile reports corrupt data with several exception types
+        # Its messages quote the BytesIO's repr; drop the address so reports are stable.
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "data", f"{type(e).__name__}: {e}")
+        raise BadSample("decode_error", name, detail) from None
+    if frames.shape[0] == 0 or frames.shape[1] == 0:
+        raise BadSample("empty", name, "no audio frames")
+    if not np.isfinite(frames).all():
+        raise BadSample("non_finite", name, "NaN or inf samples")
+    channels = int(frames.shape[1])
+    wave = frames.mean(axis=1, dtype=np.float32) if channels > 1 else frames[:, 0]
+    wave = resample(wave, int(rate), int(target_rate))
+    return np.ascontiguousarray(wave, dtype=np.float32), int(rate), channels
+
+
+def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """(T,) -> (ceil(T * target / orig),) float32; the same array if the rates match."""
+    if orig_rate == target_rate:
+        return wave
+    import torch
+    import torchaudio.functional as AF
+
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_rate, target_rate)
+    return out.numpy()
+
+
+def audio_member(members: Mapping[str, bytes], sample: str = "<sample>") -> tuple[str, bytes]:
+    """``(suffix, bytes)`` of a sample's audio member, first in :data:`AUDIO_SUFFIXES` order.
+
+    ``members`` maps suffix -> bytes (what ``shards.iter_samples`` yields). Raises
+    :class:`BadSample` ``no_audio_member`` when there is none.
+    """
+    for suffix in AUDIO_SUFFIXES:
+        if suffix in members:
+            return suffix, members[suffix]
+    raise BadSample("no_audio_member", sample, f"members: {sorted(members)}")
+
+
+def l2_normalize(wave: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+    """(T,) -> (T,) float32 ``wave / sqrt(max(sum(wave**2), eps))``.
+
+    The eps bounds the squared norm, as ``tf.math.l2_normalize`` in the authors' code does,
+    so silence stays silence instead of becoming NaN.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    sq = float(np.dot(wave.astype(np.float64), wave.astype(np.float64)))
+    return (wave / np.float32(np.sqrt(max(sq, eps)))).astype(np.float32, copy=False)
+
+
+def pad_center(wave: np.ndarray, n: int) -> np.ndarray:
+    """(T,) -> (n,) zero-padded with the clip in the middle (left gets the smaller half).
+
+    Clips already ``n`` long or longer come back unchanged.
+    """
+    missing = n - wave.shape[0]
+    if missing <= 0:
+        return wave
+    left = missing // 2
+    return np.pad(wave, (left, missing - left))
+
+
+def crop_pair(
+    wave: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    l2_normalize: bool = True,
+    noise_std: float = 0.0,
+    short: str = "pad",
+    name: str = "<clip>",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut an (anchor, positive) pair, each (n,) float32, from one clip (T,).
+
+    1. the whole clip is L2-normalised (if ``l2_normalize``; eps 1e-9);
+    2. a clip shorter than ``n`` is zero-padded, centred (``short="pad"``), or rejected
+       with :class:`BadSample` ``too_short`` (``short="skip"``);
+    3. anchor and positive start at independent uniform offsets in [0, T - n];
+    4. Gaussian noise of std ``noise_std`` is added to the positive only.
+
+    The draws come from ``rng`` in that order, so the same generator state gives the same
+    pair. ``name`` only labels the error.
+    """
+    if wave.ndim != 1:
+        raise ValueError(f"crop_pair expects a mono wave of shape (T,), got {wave.shape}")
+    if n < 1:
+        raise ValueError(f"crop length must be >= 1, got {n}")
+    if short not in ("pad", "skip"):
+        raise ValueError(f"short must be 'pad' or 'skip', got {short!r}")
+    clip = _unit_norm(wave) if l2_normalize else np.asarray(wave, dtype=np.float32)
+    if clip.shape[0] < n:
+        if short == "skip":
+            raise BadSample("too_short", name, f"{clip.shape[0]} samples < segment of {n}")
+        clip = pad_center(clip, n)
+    # Padded clips go through the same draws (offsets are then 0), so the number of values
+    # taken from rng does not depend on the clip's length.
+    high = clip.shape[0] - n + 1
+    a0, p0 = (int(x) for x in rng.integers(0, high, size=2))
+    anchor = clip[a0 : a0 + n].copy()
+    positive = clip[p0 : p0 + n].copy()
+    if noise_std > 0:
+        positive += rng.normal(0.0, noise_std, size=n).astype(np.float32)
+    return anchor, positive
+
+
+_unit_norm = l2_normalize  # crop_pair's keyword argument shadows the function's name

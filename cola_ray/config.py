@@ -1,0 +1,349 @@
+"""Configuration: nested dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Every number of the method is a field here; the defaults are the paper's
+(``../shared/reference/cola-paper.md``), and where the authors' code differs the
+code's choice is an option. A config crosses into Ray as a plain dict
+(:meth:`Config.to_dict`) and is rebuilt on the worker (:meth:`Config.from_dict`).
+It never carries runtime state (rank, run ids, resolved paths of a live run).
+
+String values in a YAML file may name environment variables, ``${VAR}`` or
+``${VAR:-default}``, so one file serves a laptop and a cluster.
+
+Unknown keys and wrong types fail before any work starts, naming the key::
+
+    cfg = load_config("jobs/configs/smoke.yaml", ["train.lr=3e-4", "resume=true"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how pairs are cut from their clips (data workers)."""
+
+    shards: str = ""
+    """Folder, glob, single tar, or ``s3://bucket/prefix`` holding ``*.tar`` shards."""
+    sample_rate: int = 16000
+    segment_samples: int = 15600
+    """(96 - 1) * 160 + 400: exactly 96 frames of 25 ms / 10 ms hop at 16 kHz."""
+    short_clips: str = "pad"
+    """``pad``: zero-pad clips shorter than a segment, centred (authors' code); ``skip``."""
+    clip_l2_normalize: bool = True
+    """L2-normalise the whole clip before cropping (authors' code; eps 1e-9)."""
+    positive_noise_std: float = 0.0
+    """Gaussian noise on the positive only; the authors' code uses 0.001."""
+    pairs_per_clip: int = 1
+    """Independent pairs cut from one decode (1 = the paper)."""
+    shuffle_buffer: int = 1000
+    """Clips held in each training worker's local shuffle buffer (authors' code: 1000)."""
+    shuffle_shards: bool = True
+    """Visit shards in a fresh random order every epoch."""
+    max_bad_fraction: float = 0.01
+    """Error budget: the run fails once bad samples exceed this fraction of samples seen."""
+    min_samples_for_budget: int = 200
+    """The budget is only judged after this many samples, so one bad clip early is not fatal."""
+    decode_num_cpus: float = 1.0
+    """CPUs one decode task asks Ray for."""
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources a decode task asks for (e.g. ``{"decode-node": 0.01}``)."""
+    decode_concurrency: int = 0
+    """Max decode tasks at once; 0 lets Ray Data decide."""
+    s3_endpoint_url: str = ""
+    """S3-compatible endpoint; empty means ``AWS_ENDPOINT_URL`` or AWS itself."""
+    s3_region: str = ""
+    """Region for S3; empty means ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` or us-east-1."""
+
+
+@dataclass
+class FeatureConfig:
+    """Log-mel frontend, computed on the training device (never in data workers)."""
+
+    sample_rate: int = 16000
+    win_length: int = 400
+    hop_length: int = 160
+    n_fft: int = 1024
+    n_mels: int = 64
+    f_min: float = 60.0
+    f_max: float = 7800.0
+    mel_scale: str = "htk"
+    power: float = 1.0
+    """1.0 = magnitude spectrum (authors' code), 2.0 = power."""
+    log_floor: float = 1e-5
+    log_ceiling: float = 1e8
+    zero_dc: bool = True
+    """Zero the DC bin's mel weights, as the authors' code does."""
+
+
+@dataclass
+class ModelConfig:
+    """Encoder f, projection g, and the similarity."""
+
+    encoder: str = "efficientnet_b0"
+    """Any timm model name; built with in_chans=1 and no classifier."""
+    global_pool: str = "max"
+    drop_path_rate: float = 0.2
+    proj_dim: int = 512
+    similarity: str = "bilinear"
+    """``bilinear`` (g(a)^T W g(p)) or ``cosine`` (divided by ``temperature``)."""
+    temperature: float = 0.2
+    bilinear_init_std: float = 0.05
+    gather_negatives: bool = True
+    """Positives of every worker are negatives for every anchor (all-gather with grad)."""
+    sync_batchnorm: bool = False
+    """Batch-norm statistics over all workers (GPU only); default per worker like the paper."""
+    channels_last: bool = True
+    """channels_last memory format on GPU (ignored on CPU)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, batch, stopping rule, workers and checkpoints."""
+
+    batch_size: int = 1024
+    """GLOBAL batch = number of pairs per step = negatives + 1 per anchor; split over workers."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 500
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0 = run all epochs)."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    grad_clip: float = 0.0
+    seed: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 3
+    max_failures: int = 3
+    """Times Ray Train restarts the worker group from the last checkpoint."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    tracking_uri: str = ""
+    """Empty: ``MLFLOW_TRACKING_URI`` or a sqlite store ``./mlflow.db``."""
+    experiment: str = "cola-ray"
+    log_checkpoints: bool = True
+    """Copy each checkpoint into the MLflow run's artifacts too."""
+    log_model: bool = True
+    """Log the final encoder as an MLflow PyTorch model."""
+    registered_model_name: str = ""
+    """If set, register the final encoder in the Model Registry under this name."""
+
+
+@dataclass
+class Config:
+    """A whole pre-training job."""
+
+    name: str = ""
+    """Run name: the Ray Train run folder and the MLflow run name. Empty: generated."""
+    storage_path: str = "./runs"
+    """Where Ray Train keeps runs and checkpoints: a folder or ``s3://bucket/prefix``."""
+    resume: bool = False
+    """Continue the latest run in ``storage_path`` (or the named run)."""
+    ray_address: str = ""
+    """Ray cluster address; empty means ``RAY_ADDRESS`` or a local Ray started here."""
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # ---- conversions -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        return _build(cls, data, prefix="")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 1e-4, ...}``: the form logged as MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(obj: Any, prefix: str) -> None:
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                key = f"{prefix}{f.name}"
+                if dataclasses.is_dataclass(value):
+                    walk(value, key + ".")
+                else:
+                    out[key] = json.dumps(value) if isinstance(value, dict) else value
+
+        walk(self, "")
+        return out
+
+    # ---- derived values (pure functions of the config) ----------------------------
+    @property
+    def per_worker_batch(self) -> int:
+        """Pairs per worker per step; the global batch must split evenly."""
+        workers = max(1, self.train.num_workers)
+        return self.train.batch_size // workers
+
+    def validate(self) -> "Config":
+        """Cross-field checks; raises :class:`ConfigError` naming the field."""
+        t, d, m, f = self.train, self.data, self.model, self.features
+        if t.num_workers < 1:
+            raise ConfigError(f"train.num_workers must be >= 1, got {t.num_workers}")
+        if t.batch_size < 2 or t.batch_size % t.num_workers:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} (global) must be >= 2 and divisible by "
+                f"train.num_workers={t.num_workers}"
+            )
+        if t.epochs < 1 and t.max_steps < 1:
+            raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
+        if m.similarity not in ("bilinear", "cosine"):
+            raise ConfigError(f"model.similarity must be 'bilinear' or 'cosine', got {m.similarity!r}")
+        if d.short_clips not in ("pad", "skip"):
+            raise ConfigError(f"data.short_clips must be 'pad' or 'skip', got {d.short_clips!r}")
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+        if d.pairs_per_clip < 1:
+            raise ConfigError(f"data.pairs_per_clip must be >= 1, got {d.pairs_per_clip}")
+        if not 0.0 <= d.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+        if d.sample_rate != f.sample_rate:
+            raise ConfigError(
+                f"data.sample_rate={d.sample_rate} and features.sample_rate={f.sample_rate} differ"
+            )
+        if d.segment_samples < f.win_length:
+            raise ConfigError(
+                f"data.segment_samples={d.segment_samples} is shorter than one window "
+                f"(features.win_length={f.win_length})"
+            )
+        if t.checkpoint_every_steps < 1 or t.log_every_steps < 1:
+            raise ConfigError("train.checkpoint_every_steps and train.log_every_steps must be >= 1")
+        return self
+
+
+def n_frames(features: FeatureConfig, n_samples: int) -> int:
+    """Frames the log-mel frontend makes of ``n_samples`` (no centring, no padding)."""
+    return 1 + (n_samples - features.win_length) // features.hop_length
+
+
+# ---- loading ------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the defaults) and apply ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = _expand_env(loaded, "")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return Config.from_dict(data).validate()
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, key: str) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a loaded YAML tree."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{key}{k}.") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, key) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(f"config key '{key.rstrip('.')}' names ${{{m.group(1)}}}, which is not set")
+            return m.group(2)
+        return value
+
+    expanded = _ENV_REF.sub(sub, node)
+    # A value that was only a reference takes the type YAML would give it (numbers, bools).
+    return yaml.safe_load(expanded) if expanded != node and _ENV_REF.fullmatch(node) and expanded else expanded
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")

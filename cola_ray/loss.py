@@ -1,0 +1,73 @@
+"""COLA's contrastive loss over positives gathered from every worker; pure math.
+
+Row i of the logits is anchor i scored against every positive of the global batch; its
+label is its own positive, the others are its negatives (paper eq. 2, one-directional
+as the authors' code). As open_clip's ``ClipLoss`` with ``local_loss=True,
+gather_with_grad=True``: each worker computes only its own rows, ``(B, world * B)``
+logits, never the ``(world * B)^2`` matrix, and its labels are offset by ``rank * B``.
+The gathered positives carry gradient back to the worker that made them, so the mean of
+the workers' losses (what DDP's gradient averaging optimises) is exactly the loss one
+worker would compute on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cola_ray import distributed
+
+
+def bilinear_logits(za: torch.Tensor, zp: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``s(a, p) = g(a)^T W g(p)``: za (B, P), zp (N, P), W (P, P) -> (B, N)."""
+    return (za @ W) @ zp.T
+
+
+def cosine_logits(za: torch.Tensor, zp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarity / temperature: za (B, P), zp (N, P) -> (B, N)."""
+    return F.normalize(za, dim=-1) @ F.normalize(zp, dim=-1).T / temperature
+
+
+def cola_loss(
+    za: torch.Tensor,
+    zp: torch.Tensor,
+    *,
+    similarity: str,
+    W: torch.Tensor | None = None,
+    temperature: float = 0.2,
+    gather: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each anchor against all positives -> ``(loss, accuracy)`` scalars.
+
+    za, zp: (B, P) projections of this worker's anchors and their positives (row i of zp
+    is the positive of row i of za). With ``gather`` and a process group, the positives of
+    all workers are the candidates: logits (B, world * B), label of row i ``rank * B + i``.
+    ``loss`` is the mean over this worker's rows; ``accuracy`` the fraction of rows whose
+    top-1 is their positive (no gradient). Every worker must pass the same B.
+    """
+    if za.shape != zp.shape or za.dim() != 2:
+        raise ValueError(f"za and zp must both be (B, P), got {tuple(za.shape)} and {tuple(zp.shape)}")
+    # Scores and softmax in at least fp32 even under bf16 autocast: a bf16 logit has ~3
+    # significant digits, too coarse for differences between many similar negatives. The
+    # (B, world * B) matrix is tiny next to the encoder, so this costs nothing noticeable.
+    dtype = torch.promote_types(za.dtype, torch.float32)
+    with torch.autocast(device_type=za.device.type, enabled=False):
+        za, zp = za.to(dtype), zp.to(dtype)
+        if gather:
+            candidates = distributed.all_gather_with_grad(zp)  # (world * B, P)
+            offset = distributed.rank() * za.shape[0]
+        else:
+            candidates, offset = zp, 0
+        if similarity == "bilinear":
+            if W is None:
+                raise ValueError("similarity='bilinear' needs the bilinear matrix W")
+            logits = bilinear_logits(za, candidates, W.to(dtype))
+        elif similarity == "cosine":
+            logits = cosine_logits(za, candidates, temperature)
+        else:
+            raise ValueError(f"similarity must be 'bilinear' or 'cosine', got {similarity!r}")
+        labels = torch.arange(za.shape[0], device=za.device) + offset  # (B,)
+        loss = F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            accuracy = (logits.argmax(dim=1) == labels).to(dtype).mean()
+    return loss, accuracy

@@ -1,0 +1,66 @@
+"""ColaModel: encoder f + projection g + similarity + loss in one ``nn.Module``.
+
+Keeping the loss's parameters (the bilinear W) and the head inside the module that DDP
+wraps is what keeps them synchronised across workers (as timm's and open_clip's task
+modules). One training step is ``model(anchor, positive)["loss"].backward()``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cola_ray.config import FeatureConfig, ModelConfig
+from cola_ray.encoder import WaveformEncoder
+from cola_ray.loss import cola_loss
+
+
+class ColaModel(nn.Module):
+    """COLA pre-training model over pairs of waveform crops.
+
+    - ``encoder``: :class:`WaveformEncoder`, (B, S) -> h (B, D); kept after pre-training.
+    - ``head`` (the paper's g): Linear(D, proj_dim) -> LayerNorm -> tanh for the bilinear
+      similarity, a single Linear for cosine (as the authors' code); discarded after
+      pre-training.
+    - ``W``: (proj_dim, proj_dim) bilinear matrix, N(0, bilinear_init_std); ``None`` for cosine.
+    """
+
+    def __init__(self, features: FeatureConfig, model: ModelConfig) -> None:
+        super().__init__()
+        if model.similarity not in ("bilinear", "cosine"):
+            raise ValueError(f"model.similarity must be 'bilinear' or 'cosine', got {model.similarity!r}")
+        self.similarity = model.similarity
+        self.temperature = model.temperature
+        self.gather_negatives = model.gather_negatives
+        self.encoder = WaveformEncoder(features, model)
+        dim, proj = self.encoder.embedding_dim, model.proj_dim
+        if self.similarity == "bilinear":
+            self.head = nn.Sequential(nn.Linear(dim, proj), nn.LayerNorm(proj), nn.Tanh())
+            self.W = nn.Parameter(torch.randn(proj, proj) * model.bilinear_init_std)
+        else:
+            self.head = nn.Linear(dim, proj)
+            self.register_parameter("W", None)  # no unused parameter for DDP to wait on
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor) -> dict[str, torch.Tensor]:
+        """anchor, positive (B, S) waveforms -> ``{"loss": scalar, "accuracy": scalar}``.
+
+        Anchors and positives go through ONE encoder pass on (2B, S), as the authors' code,
+        so batch-norm statistics are taken over both crops of every pair.
+        """
+        if anchor.shape != positive.shape:
+            raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} differ")
+        b = anchor.shape[0]
+        z = self.head(self.encoder(torch.cat([anchor, positive], dim=0)))  # (2B, proj_dim)
+        loss, accuracy = cola_loss(
+            z[:b],
+            z[b:],
+            similarity=self.similarity,
+            W=self.W,
+            temperature=self.temperature,
+            gather=self.gather_negatives,
+        )
+        return {"loss": loss, "accuracy": accuracy}
+
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        """``wave`` (B, S) -> h (B, embedding_dim): the representation used downstream."""
+        return self.encoder(wave)

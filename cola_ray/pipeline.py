@@ -1,0 +1,151 @@
+"""Ray Data: shards -> decode_and_crop -> rows of waveform pairs.
+
+Data workers only read, decode and crop. They never compute features: log-mel runs
+on the training device (on GPU nodes, CPU log-mel would cost ~8 cores per GPU).
+
+    shard urls --(random order each epoch)--> decode_and_crop (Ray tasks, one per shard)
+        --> rows {"anchor": float32 (S,), "positive": float32 (S,)}
+        --> streaming_split across Ray Train workers --> iter_torch_batches
+
+Every resource a data task asks for is set here. Bad samples are skipped and counted
+by reason in a :class:`SampleCounter` actor; training workers read it to log the counts
+and to enforce the error budget.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+
+from cola_ray import audio, shards, storage
+from cola_ray.config import DataConfig
+
+
+@ray.remote(num_cpus=0)
+class SampleCounter:
+    """Good / bad sample tallies of one run, fed by every decode task."""
+
+    def __init__(self) -> None:
+        self.good = 0
+        self.bad: collections.Counter[str] = collections.Counter()
+        self.bad_by_shard: collections.Counter[str] = collections.Counter()
+        self.bad_shards: dict[str, str] = {}
+
+    def add(self, shard: str, good: int, bad: dict[str, int], shard_error: str = "") -> None:
+        self.good += good
+        self.bad.update(bad)
+        self.bad_by_shard[shard] += sum(bad.values())
+        if shard_error:
+            self.bad_shards[shard] = shard_error
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "good": self.good,
+            "bad": dict(self.bad),
+            "worst_shards": self.bad_by_shard.most_common(5),
+            "bad_shards": dict(self.bad_shards),
+        }
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """More bad samples than ``data.max_bad_fraction`` allows."""
+
+
+def check_budget(snapshot: dict[str, Any], cfg: DataConfig) -> None:
+    """Raise :class:`ErrorBudgetExceeded` naming the worst shards once past the budget."""
+    bad = sum(snapshot["bad"].values())
+    seen = bad + snapshot["good"]
+    if seen < cfg.min_samples_for_budget or bad <= cfg.max_bad_fraction * seen:
+        return
+    worst = ", ".join(f"{name} ({n} bad)" for name, n in snapshot["worst_shards"] if n)
+    broken = "; ".join(f"{k}: {v}" for k, v in snapshot["bad_shards"].items())
+    raise ErrorBudgetExceeded(
+        f"{bad} of {seen} samples were bad ({bad / seen:.1%} > data.max_bad_fraction="
+        f"{cfg.max_bad_fraction:.1%}); by reason {snapshot['bad']}; worst shards: {worst}"
+        + (f"; unreadable shards: {broken}" if broken else "")
+    )
+
+
+def decode_and_crop(
+    row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """One shard -> ``pairs_per_clip`` pairs per good clip, each ``(segment_samples,)`` float32.
+
+    Runs in a Ray Data task. Samples that cannot be used are skipped and counted by
+    reason; a shard that cannot be read at all is counted once and named.
+    """
+    data = DataConfig(**{k: v for k, v in cfg.items()})
+    url = row["shard"]
+    name = os.path.basename(url)
+    # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
+    rng = np.random.default_rng()
+    good, bad = 0, collections.Counter()
+    shard_error = ""
+    try:
+        with storage.open_input(url, endpoint_url=data.s3_endpoint_url, region=data.s3_region) as stream:
+            for item in shards.iter_samples(stream, name):
+                if isinstance(item, audio.BadSample):
+                    bad[item.reason] += 1
+                    continue
+                key, members = item
+                try:
+                    wave = _decode_members(key, members, data)
+                    for _ in range(data.pairs_per_clip):
+                        anchor, positive = audio.crop_pair(
+                            wave,
+                            data.segment_samples,
+                            rng,
+                            l2_normalize=data.clip_l2_normalize,
+                            noise_std=data.positive_noise_std,
+                            short=data.short_clips,
+                        )
+                        yield {"anchor": anchor, "positive": positive}
+                    good += 1
+                except audio.BadSample as e:
+                    bad[e.reason] += 1
+    except shards.ShardError as e:
+        bad["bad_shard"] += 1
+        shard_error = str(e)
+    finally:
+        if counter is not None:
+            counter.add.remote(name, good, dict(bad), shard_error)
+
+
+def _decode_members(key: str, members: dict[str, bytes], data: DataConfig) -> np.ndarray:
+    shards.sample_meta(members, key)  # a malformed json member makes the sample bad
+    _, raw = audio.audio_member(members, key)
+    wave, _, _ = audio.decode_audio(raw, data.sample_rate, name=key)
+    return wave
+
+
+def read_pairs(data: DataConfig, counter: Any | None = None) -> ray.data.Dataset:
+    """The training dataset: a lazy, streaming Ray Dataset of waveform pairs.
+
+    Executed afresh every epoch, so crops (and the shard order) change every epoch.
+    Fails fast, naming the path, when no shard is found.
+    """
+    urls = shards.shard_urls(data.shards, endpoint_url=data.s3_endpoint_url, region=data.s3_region)
+    if not urls:
+        raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
+    ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
+    if data.shuffle_shards:
+        ds = ds.random_shuffle()
+    remote_args: dict[str, Any] = {"num_cpus": data.decode_num_cpus}
+    if data.decode_resources:
+        remote_args["resources"] = dict(data.decode_resources)
+    if data.decode_concurrency:
+        remote_args["concurrency"] = data.decode_concurrency
+    return ds.flat_map(
+        decode_and_crop,
+        fn_kwargs={"cfg": _plain(data), "counter": counter},
+        **remote_args,
+    )
+
+
+def _plain(data: DataConfig) -> dict[str, Any]:
+    return dataclasses.asdict(data)

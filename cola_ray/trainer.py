@@ -1,0 +1,150 @@
+"""fit(cfg): the driver side of pre-training.
+
+Builds the streaming pair dataset, opens the MLflow run, and hands both to a
+``TorchTrainer`` whose workers run :func:`cola_ray.train_loop.train_loop_per_worker`.
+A run lives in ``<storage_path>/<name>`` (local or s3://); starting a run with the name
+of one that has checkpoints there resumes it (Ray Train restores the latest checkpoint,
+and the MLflow run with that name continues).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cola_ray import storage, tracking
+from cola_ray.config import Config, ConfigError
+from cola_ray.pipeline import SampleCounter, read_pairs
+from cola_ray.train_loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class FitResult:
+    run_name: str
+    run_dir: str
+    tracking_uri: str
+    mlflow_run_id: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    resumed: bool
+
+
+def fit(cfg: Config, *, echo=print) -> FitResult:
+    """Pre-train COLA as ``cfg`` says; returns where the run and its checkpoints are."""
+    cfg.validate()
+    if not ray.is_initialized():
+        # address=None: RAY_ADDRESS if set, else a local Ray started for this process.
+        ray.init(address=cfg.ray_address or None, log_to_driver=True)
+    cfg = _resolve_shards(cfg, echo)
+    fs, root = _storage(cfg)
+    name = _run_name(cfg, fs, root)
+    run_dir = f"{cfg.storage_path.rstrip('/')}/{name}"
+
+    dataset_counter = SampleCounter.remote()
+    datasets = {"train": read_pairs(cfg.data, dataset_counter)}  # fails fast on a missing path
+
+    uri, run_id, resumed = tracking.start_or_resume_run(cfg, name, tags={"cola_ray.run_dir": run_dir})
+    echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")
+    echo(f"Checkpoints: {run_dir}" + ("  (resuming)" if resumed else ""))
+
+    resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            # Runtime facts of this run, kept out of the config on purpose.
+            "run": {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter},
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=root,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt and storage.is_s3(cfg.storage_path):
+        ckpt = "s3://" + ckpt.lstrip("/")
+    echo(f"Done: {name}, last checkpoint {ckpt}")
+    return FitResult(name, run_dir, uri, run_id, ckpt, dict(result.metrics or {}), resumed)
+
+
+def _storage(cfg: Config) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and root path Ray Train writes the run to."""
+    if storage.is_s3(cfg.storage_path):
+        return storage.pyarrow_filesystem(cfg.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    root = os.path.abspath(cfg.storage_path)
+    os.makedirs(root, exist_ok=True)
+    return pafs.LocalFileSystem(), root
+
+
+def _run_name(cfg: Config, fs: pafs.FileSystem, root: str) -> str:
+    """The configured name; with ``resume`` and no name, the latest run that has checkpoints."""
+    if cfg.name:
+        return cfg.name
+    if cfg.resume:
+        runs = _runs_with_checkpoints(fs, root)
+        if not runs:
+            raise ConfigError(f"resume=true but no run with checkpoints under {cfg.storage_path!r}")
+        return runs[-1]
+    return time.strftime("cola-%Y%m%d-%H%M%S")
+
+
+def _runs_with_checkpoints(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Run folders under ``root`` holding a checkpoint, oldest first by latest checkpoint."""
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        ckpts = [c for c in fs.get_file_info(pafs.FileSelector(info.path))
+                 if os.path.basename(c.path).startswith("checkpoint_")]
+        if ckpts:
+            newest = max((c.mtime.timestamp() if c.mtime else 0.0) for c in ckpts)
+            found.append((newest, os.path.basename(info.path)))
+    return [n for _, n in sorted(found)]
+
+
+def _resolve_shards(cfg: Config, echo) -> Config:
+    """``data.shards: synthetic`` builds the demo corpus once under the storage path."""
+    if cfg.data.shards != SYNTHETIC:
+        if not cfg.data.shards:
+            raise ConfigError("data.shards is empty: give a folder or s3:// prefix of *.tar shards")
+        return cfg
+    import tempfile
+
+    from cola_ray import shards, synthetic
+
+    out = f"{cfg.storage_path.rstrip('/')}/_synthetic/shards"
+    if not storage.is_s3(out):
+        out = os.path.abspath(out)
+    # build_shards returns at once when a complete build is there, and finishes a partial one.
+    with tempfile.TemporaryDirectory(prefix="cola-synth-") as tmp:
+        labels = synthetic.make_corpus(tmp, n_clips=128, seconds=3.0, seed=cfg.train.seed)
+        echo(f"Synthetic corpus: shards at {out}")
+        shards.build_shards(tmp, out, labels_csv=labels, max_samples=32, progress=False,
+                            endpoint_url=cfg.data.s3_endpoint_url, region=cfg.data.s3_region)
+    return replace(cfg, data=replace(cfg.data, shards=out))

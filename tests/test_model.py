@@ -1,0 +1,58 @@
+"""ColaModel in one process: structure of g and W, one encoder pass over 2B crops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from cola_ray.config import FeatureConfig, ModelConfig
+from cola_ray.model import ColaModel
+
+
+def tiny(**kw) -> ModelConfig:
+    return dataclasses.replace(ModelConfig(), **{"encoder": "test_efficientnet", **kw})
+
+
+def test_bilinear_head_and_W():
+    torch.manual_seed(0)
+    model = ColaModel(FeatureConfig(), tiny())
+    assert [type(m) for m in model.head] == [nn.Linear, nn.LayerNorm, nn.Tanh]
+    assert model.head[0].in_features == model.encoder.embedding_dim
+    assert model.W.shape == (512, 512)
+    assert model.W.std().item() == pytest.approx(0.05, rel=0.02)
+    assert model.W.mean().abs().item() < 1e-3
+
+
+def test_cosine_head_is_linear_and_has_no_W():
+    model = ColaModel(FeatureConfig(), tiny(similarity="cosine", proj_dim=16))
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 16
+    assert model.W is None
+    assert not any(k == "W" for k in model.state_dict())
+
+
+@pytest.mark.parametrize("similarity", ["bilinear", "cosine"])
+def test_forward_one_encoder_pass_and_gradients_everywhere(similarity):
+    model = ColaModel(FeatureConfig(), tiny(similarity=similarity, proj_dim=16))
+    batches = []
+    model.encoder.register_forward_hook(lambda mod, args, out: batches.append(args[0].shape[0]))
+    anchor, positive = torch.randn(4, 15600) * 0.1, torch.randn(4, 15600) * 0.1
+    out = model(anchor, positive)
+    assert batches == [8]  # anchors and positives together: batch norm sees 2B, as the authors
+    assert set(out) == {"loss", "accuracy"}
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert 0.0 <= out["accuracy"].item() <= 1.0
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_embed_and_state_dict():
+    model = ColaModel(FeatureConfig(), tiny())
+    h = model.embed(torch.randn(2, 15600))
+    assert h.shape == (2, model.encoder.embedding_dim)
+    keys = list(model.state_dict())
+    assert all(k.split(".")[0] in {"encoder", "head", "W"} for k in keys)
+    assert not any("frontend" in k for k in keys)  # window and mel matrix are not weights
