@@ -22,7 +22,7 @@ DEMO_OVERRIDES = (
     # 2 workers x 0.5 CPU leave a core to Ray Data's decode tasks on a 2-core laptop.
     "train.cpus_per_worker=0.5",
     "train.lr=0.001",
-    "train.epochs=12",
+    "train.epochs=50",
     "train.log_every_steps=5",
     "train.checkpoint_every_steps=50",
     "data.shuffle_buffer=256",

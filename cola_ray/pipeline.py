@@ -123,13 +123,21 @@ def _decode_members(key: str, members: dict[str, bytes], data: DataConfig) -> np
     return wave
 
 
-def read_pairs(data: DataConfig, counter: Any | None = None) -> ray.data.Dataset:
+def list_shards(data: DataConfig) -> list[str]:
+    """Shard URLs at ``data.shards``; raises FileNotFoundError naming the path if none."""
+    urls = shards.shard_urls(data.shards, endpoint_url=data.s3_endpoint_url, region=data.s3_region)
+    if not urls:
+        raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
+    return urls
+
+
+def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | None = None) -> ray.data.Dataset:
     """The training dataset: a lazy, streaming Ray Dataset of waveform pairs.
 
     Executed afresh every epoch, so crops (and the shard order) change every epoch.
     Fails fast, naming the path, when no shard is found.
     """
-    urls = shards.shard_urls(data.shards, endpoint_url=data.s3_endpoint_url, region=data.s3_region)
+    urls = urls if urls is not None else list_shards(data)
     if not urls:
         raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
     ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))

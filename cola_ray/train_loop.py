@@ -142,6 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         if not done:
             state.epoch += 1
+    if window.steps:  # steps since the last log line (the same count on every rank)
+        metrics = window.reduce(cfg.train.batch_size)
+        if logger is not None:
+            logger.log_metrics(metrics, step=state.step)
     if state.step != last_checkpoint_step:
         _report(state, core, optimizer, logger, cfg, rank)
 
@@ -221,9 +225,13 @@ class _Window:
         self.total += total
         self.skipped += int(skipped)
 
+    @property
+    def steps(self) -> int:
+        return len(self.losses) + self.skipped
+
     def reduce(self, global_batch: int) -> dict[str, float]:
         """Mean over the window and over ranks (one all-reduce)."""
-        n = len(self.losses) + self.skipped
+        n = self.steps
         device = self.losses[0].device if self.losses else torch.device("cpu")
         local = torch.stack([
             torch.stack(self.losses).mean() if self.losses else torch.tensor(math.nan, device=device),

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cola_ray import storage, tracking
 from cola_ray.config import Config, ConfigError
-from cola_ray.pipeline import SampleCounter, read_pairs
+from cola_ray.pipeline import SampleCounter, list_shards, read_pairs
 from cola_ray.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,19 @@ class FitResult:
 def fit(cfg: Config, *, echo=print) -> FitResult:
     """Pre-train COLA as ``cfg`` says; returns where the run and its checkpoints are."""
     cfg.validate()
-    if not ray.is_initialized():
-        # address=None: RAY_ADDRESS if set, else a local Ray started for this process.
-        ray.init(address=cfg.ray_address or None, log_to_driver=True)
     cfg = _resolve_shards(cfg, echo)
+    urls = list_shards(cfg.data)  # a missing path or bucket fails here, before Ray starts
     fs, root = _storage(cfg)
     name = _run_name(cfg, fs, root)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{name}"
 
+    if not ray.is_initialized():
+        # address=None: RAY_ADDRESS if set, else a local Ray started for this process.
+        ray.init(address=cfg.ray_address or None)
+    # Per-epoch progress bars of the streaming split drown the log; MLflow has the progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset_counter = SampleCounter.remote()
-    datasets = {"train": read_pairs(cfg.data, dataset_counter)}  # fails fast on a missing path
+    datasets = {"train": read_pairs(cfg.data, dataset_counter, urls)}
 
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, name, tags={"cola_ray.run_dir": run_dir})
     echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")

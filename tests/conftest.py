@@ -61,8 +61,12 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray with 2 CPUs, shared by every test that needs one."""
+def ray_local(moto_s3):
+    """A local Ray with 2 CPUs, shared by every test that needs one.
+
+    Started after the S3 server so Ray's workers inherit its endpoint and test
+    credentials from the environment, exactly as on a cluster node.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -81,3 +81,18 @@ def test_resume_true_picks_latest_run_and_refuses_other_global_batch(ray_local, 
     with pytest.raises(Exception, match="global batch"):
         fit(tiny(tmp_path, corpus_shards, uri, "resume=true", "train.max_steps=8", "train.batch_size=8"),
             echo=lambda *_: None)
+
+
+def test_pretrain_from_s3_with_checkpoints_in_s3(ray_local, s3_bucket, tmp_path):
+    """Shards read from S3 and checkpoints written to S3 (moto's server on 127.0.0.1)."""
+    from cola_ray import storage
+
+    synthetic.make_corpus(tmp_path / "clips", n_clips=24, seconds=2.0, seed=2)
+    shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", max_samples=8, progress=False)
+    cfg = tiny(tmp_path, f"{s3_bucket}/shards", f"sqlite:///{tmp_path / 'mlflow.db'}",
+               f"storage_path={s3_bucket}/runs", "name=s3-run", "train.max_steps=4",
+               "train.checkpoint_every_steps=2", "tracking.log_checkpoints=false", "tracking.log_model=false")
+    result = fit(cfg, echo=lambda *_: None)
+    assert result.checkpoint == f"{s3_bucket}/runs/s3-run/checkpoint_000000004"
+    files = storage.list_files(result.checkpoint, suffix="")
+    assert {f.rsplit("/", 1)[1] for f in files} >= {"model.safetensors", "optimizer.pt", "state.json"}
