@@ -2,8 +2,11 @@
 
     cola-ray shards build SRC OUT [--labels CSV] [--max-samples N] [--max-bytes N]
     cola-ray shards verify PATH
+    cola-ray tasks list
+    cola-ray tasks prepare NAME SRC OUT [--seed N] [--max-samples N]
     cola-ray pretrain --config FILE [section.key=value ...]
     cola-ray demo [--workdir DIR] [section.key=value ...]
+    cola-ray export --encoder REF OUT [--tracking-uri URI] [--overwrite]
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_verify = shards_sub.add_parser("verify", help="check shards against their manifest")
     p_verify.add_argument("path", help="folder or s3://bucket/prefix holding manifest.json")
 
+    p_tasks = sub.add_parser("tasks", help="downstream datasets -> labelled shards")
+    tasks_sub = p_tasks.add_subparsers(dest="tasks_command", required=True)
+    tasks_sub.add_parser("list", help="the registered tasks and their class counts in the paper")
+    p_prep = tasks_sub.add_parser("prepare", help="a dataset in its native layout -> shards + task.json")
+    p_prep.add_argument("name", help="task name (see `cola-ray tasks list`)")
+    p_prep.add_argument("src", help="the dataset folder as unpacked (csv: the CSV or its folder)")
+    p_prep.add_argument("out", help="output folder or s3://bucket/prefix")
+    p_prep.add_argument("--seed", type=int, default=0, help="seed of the splits carved where none is official")
+    p_prep.add_argument("--max-samples", type=int, default=1000, help="samples per shard")
+    p_prep.add_argument("--no-progress", action="store_true")
+
     p_pre = sub.add_parser("pretrain", help="pre-train COLA on Ray")
     p_pre.add_argument("--config", help="YAML config (see jobs/configs/)")
     p_pre.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4 resume=true")
@@ -39,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--workdir", default="cola-demo")
     p_demo.add_argument("--clips", type=int, default=300)
     p_demo.add_argument("overrides", nargs="*", help="section.key=value")
+
+    p_export = sub.add_parser("export", help="trained encoder -> standalone folder (safetensors + config.json)")
+    p_export.add_argument("--encoder", required=True,
+                          help="checkpoint folder, export, MLflow run id, models:/..., runs:/..., random:<timm name>")
+    p_export.add_argument("out", help="output folder")
+    p_export.add_argument("--tracking-uri", default="", help="MLflow tracking URI for MLflow references")
+    p_export.add_argument("--overwrite", action="store_true", help="replace an export already at OUT")
 
     args = parser.parse_args(argv)
     from cola_ray.config import ConfigError
@@ -68,6 +89,26 @@ def _run(args: argparse.Namespace) -> int:
             print(f"BAD {problem}")
         print("OK" if not problems else f"{len(problems)} problem(s)")
         return 1 if problems else 0
+    if args.command == "tasks" and args.tasks_command == "list":
+        from cola_ray.tasks import TASKS
+
+        for task in TASKS.values():
+            classes = f"{task.paper_classes} classes" if task.paper_classes else "any labels"
+            print(f"{task.name:<20} {classes:<12} {task.description}")
+        return 0
+    if args.command == "tasks" and args.tasks_command == "prepare":
+        from cola_ray.tasks import prepare_task
+
+        try:
+            summary = prepare_task(args.name, args.src, args.out, seed=args.seed,
+                                   max_samples=args.max_samples, progress=not args.no_progress)
+        except ValueError as e:  # TaskError: bad layout / labels; build_shards: OUT holds another build
+            print(f"cola-ray: error: {e}", file=sys.stderr)
+            return 2
+        sizes = ", ".join(f"{n} {split}" for split, n in summary["splits"].items())
+        print(f"{summary['task']}: {len(summary['classes'])} classes, {sizes}; "
+              f"{summary['shards']} shards at {args.out}")
+        return 0
     if args.command == "pretrain":
         from cola_ray.config import load_config
         from cola_ray.trainer import fit
@@ -79,6 +120,14 @@ def _run(args: argparse.Namespace) -> int:
         from cola_ray.demo import run_demo
 
         run_demo(args.workdir, n_clips=args.clips, overrides=args.overrides)
+        return 0
+    if args.command == "export":
+        from cola_ray.encoders import resolve_encoder
+        from cola_ray.export import export_encoder
+
+        encoder, info = resolve_encoder(args.encoder, tracking_uri=args.tracking_uri)
+        out = export_encoder(encoder, info, args.out, overwrite=args.overwrite)
+        print(f"exported {info['kind']} {args.encoder} ({info['encoder']}, D={info['embedding_dim']}) to {out}")
         return 0
     raise AssertionError(args)
 

@@ -10,27 +10,16 @@ Registered from conftest.py with ``pytest_plugins = ["fixtures_s3"]``.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from services import free_port, stop_process_group, wait_http
 
 STARTUP_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_command(port: int) -> list[str]:
@@ -42,46 +31,17 @@ def _server_command(port: int) -> list[str]:
     return base + ["-H", "127.0.0.1", "-p", str(port)]
 
 
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means the server is up
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"moto_server at {url} did not answer within {STARTUP_TIMEOUT_S:.0f}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory):
     """Endpoint URL (``http://127.0.0.1:<port>``) of a moto S3 server for this session."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as log_file:
-        proc = subprocess.Popen(_server_command(port), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_server_command(port), stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        _wait_until_up(endpoint + "/", proc, log)
+        wait_http(endpoint + "/", STARTUP_TIMEOUT_S, proc, any_status=True)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("AWS_ENDPOINT_URL", endpoint)
             mp.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -92,7 +52,7 @@ def moto_s3(tmp_path_factory):
                 mp.delenv(name, raising=False)
             yield endpoint
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @pytest.fixture
