@@ -6,6 +6,10 @@
     cola-ray tasks prepare NAME SRC OUT [--seed N] [--max-samples N]
     cola-ray pretrain --config FILE [section.key=value ...]
     cola-ray demo [--workdir DIR] [section.key=value ...]
+    cola-ray embed --encoder REF --data SHARDS --out DIR [--remainder end|drop|pad] [--use-gpu]
+    cola-ray probe --encoder REF --task SHARDS [--lr X] [--epochs N] [--baseline B]
+    cola-ray sweep --encoder REF --task SHARDS [--config FILE] [--num-samples N] [key=value ...]
+    cola-ray report [--experiment NAME] [--out DIR]
     cola-ray export --encoder REF OUT [--tracking-uri URI] [--overwrite]
 """
 
@@ -52,21 +56,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="synthetic corpus -> shards -> pre-training, locally")
     p_demo.add_argument("--workdir", default="cola-demo")
     p_demo.add_argument("--clips", type=int, default=300)
+    p_demo.add_argument("--probe-epochs", type=int, default=100, help="0 skips the downstream probe")
     p_demo.add_argument("overrides", nargs="*", help="section.key=value")
 
+    encoder_help = "checkpoint folder, export, MLflow run id, models:/..., runs:/..., random:<timm name>"
     p_export = sub.add_parser("export", help="trained encoder -> standalone folder (safetensors + config.json)")
-    p_export.add_argument("--encoder", required=True,
-                          help="checkpoint folder, export, MLflow run id, models:/..., runs:/..., random:<timm name>")
+    p_export.add_argument("--encoder", required=True, help=encoder_help)
     p_export.add_argument("out", help="output folder")
     p_export.add_argument("--tracking-uri", default="", help="MLflow tracking URI for MLflow references")
     p_export.add_argument("--overwrite", action="store_true", help="replace an export already at OUT")
+
+    baselines = ("random init", "supervised", "COLA frozen", "COLA fine-tuned")
+
+    p_embed = sub.add_parser("embed", help="frozen embeddings of every segment of a labelled task (Ray Data)")
+    p_embed.add_argument("--encoder", required=True, help=encoder_help)
+    p_embed.add_argument("--data", required=True, help="labelled shards: folder or s3://bucket/prefix")
+    p_embed.add_argument("--out", required=True, help="output folder (embeddings.parquet + embeddings.json)")
+    p_embed.add_argument("--batch-size", type=int, default=64, help="segments per inference batch")
+    p_embed.add_argument("--remainder", choices=("end", "drop", "pad"), default="end",
+                         help="a clip's last partial segment: aligned to the clip's end (default), dropped, "
+                              "or zero-padded (costs accuracy; for comparison)")
+    p_embed.add_argument("--num-actors", type=int, default=1, help="inference actors (one encoder each)")
+    p_embed.add_argument("--use-gpu", action="store_true", help="one GPU per inference actor")
+    p_embed.add_argument("--tracking-uri", default="", help="MLflow tracking URI for MLflow references")
+
+    p_probe = sub.add_parser("probe", help="linear probe on frozen embeddings; val/test accuracy to MLflow")
+    p_probe.add_argument("--encoder", required=True, help=encoder_help)
+    p_probe.add_argument("--task", required=True, help="task shards (see `cola-ray tasks prepare`)")
+    p_probe.add_argument("--lr", type=float, default=1e-3)
+    p_probe.add_argument("--weight-decay", type=float, default=0.0)
+    p_probe.add_argument("--epochs", type=int, default=100)
+    p_probe.add_argument("--batch-size", type=int, default=64)
+    p_probe.add_argument("--seed", type=int, default=0)
+    p_probe.add_argument("--baseline", choices=baselines, default=None,
+                         help="table column; default: 'random init' for random:<model>, else 'COLA frozen'")
+    p_probe.add_argument("--experiment", default="cola-ray-downstream")
+    p_probe.add_argument("--tracking-uri", default="")
+    p_probe.add_argument("--cache-dir", default="", help="embeddings cache (default $COLA_RAY_CACHE or ~/.cache/cola-ray)")
+    p_probe.add_argument("--refresh", action="store_true", help="recompute the cached embeddings")
+    p_probe.add_argument("--use-gpu", action="store_true", help="embed on GPU")
+
+    p_sweep = sub.add_parser("sweep", help="Ray Tune sweep of the probe: select on validation, test once")
+    p_sweep.add_argument("--encoder", help=encoder_help + " (or encoder_ref in --config)")
+    p_sweep.add_argument("--task", help="task shards (or task in --config)")
+    p_sweep.add_argument("--config", help="YAML of sweep settings (see jobs/configs/sweep.yaml)")
+    p_sweep.add_argument("--num-samples", type=int, help="trials (default 8)")
+    p_sweep.add_argument("--max-concurrent", type=int, help="trials at once (default 2)")
+    p_sweep.add_argument("--baseline", choices=baselines, default=None)
+    p_sweep.add_argument("--experiment")
+    p_sweep.add_argument("--tracking-uri")
+    p_sweep.add_argument("--use-gpu", action="store_true", default=None, help="embed on GPU")
+    p_sweep.add_argument("overrides", nargs="*", help="key=value for any other setting, e.g. epoch_choices=[50,100]")
+
+    p_report = sub.add_parser("report", help="the paper's table (tasks x baselines) from MLflow runs")
+    p_report.add_argument("--experiment", default="cola-ray-downstream")
+    p_report.add_argument("--out", default="report", help="folder for report.md, report.csv, report.png")
+    p_report.add_argument("--tracking-uri", default="")
 
     args = parser.parse_args(argv)
     from cola_ray.config import ConfigError
 
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"cola-ray: error: {e}", file=sys.stderr)
         return 2
 
@@ -119,15 +171,59 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from cola_ray.demo import run_demo
 
-        run_demo(args.workdir, n_clips=args.clips, overrides=args.overrides)
+        run_demo(args.workdir, n_clips=args.clips, overrides=args.overrides, probe_epochs=args.probe_epochs)
         return 0
     if args.command == "export":
         from cola_ray.encoders import resolve_encoder
-        from cola_ray.export import export_encoder
+        from cola_ray.export import ExportError, export_encoder
 
-        encoder, info = resolve_encoder(args.encoder, tracking_uri=args.tracking_uri)
-        out = export_encoder(encoder, info, args.out, overwrite=args.overwrite)
+        try:
+            encoder, info = resolve_encoder(args.encoder, tracking_uri=args.tracking_uri)
+            out = export_encoder(encoder, info, args.out, overwrite=args.overwrite)
+        except ExportError as e:  # a tampered or unreadable export given as the reference
+            print(f"cola-ray: error: {e}", file=sys.stderr)
+            return 2
         print(f"exported {info['kind']} {args.encoder} ({info['encoder']}, D={info['embedding_dim']}) to {out}")
+        return 0
+    if args.command == "embed":
+        from cola_ray.embed import embed, read_meta
+
+        path = embed(args.encoder, args.data, args.out, batch_size=args.batch_size, remainder=args.remainder,
+                     num_actors=args.num_actors, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri)
+        meta = read_meta(path)
+        print(f"{meta['segments']} segments of {meta['clips']} clips, D={meta['dim']}, "
+              f"{len(meta['classes'])} classes -> {path}")
+        return 0
+    if args.command == "probe":
+        from cola_ray.probe import probe
+
+        result = probe(args.encoder, args.task, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
+                       batch_size=args.batch_size, seed=args.seed, baseline=args.baseline or "",
+                       experiment=args.experiment, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
+                       refresh=args.refresh, use_gpu=args.use_gpu)
+        print(f"validation accuracy {result.val_accuracy:.1%}, test accuracy {result.test_accuracy:.1%}; "
+              f"MLflow run {result.run_id}")
+        return 0
+    if args.command == "sweep":
+        from cola_ray.sweep import describe, load_sweep_config, sweep
+
+        settings = load_sweep_config(args.config, args.overrides, {
+            "encoder_ref": args.encoder, "task": args.task, "num_samples": args.num_samples,
+            "max_concurrent": args.max_concurrent, "baseline": args.baseline, "experiment": args.experiment,
+            "tracking_uri": args.tracking_uri, "use_gpu": args.use_gpu,
+        })
+        print(describe(sweep(**settings)))
+        return 0
+    if args.command == "report":
+        from cola_ray.report import report
+
+        try:
+            result = report(args.experiment, args.out, tracking_uri=args.tracking_uri)
+        except ValueError as e:  # no such experiment, or no tagged run in it
+            print(f"cola-ray: error: {e}", file=sys.stderr)
+            return 2
+        print(result.markdown)
+        print("written: " + ", ".join(result.files.values()) + f"; MLflow run {result.run_id}")
         return 0
     raise AssertionError(args)
 
