@@ -271,6 +271,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return Config.from_dict(data).validate()
 
 
+def expand_env(tree: Any) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a loaded YAML tree.
+
+    A value that is only a reference takes the type YAML gives the expansion; an unset
+    variable without a default is a :class:`ConfigError` naming the key.
+    """
+    return _expand_env(tree, "")
+
+
 _ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 

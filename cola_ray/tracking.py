@@ -44,6 +44,14 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing (local stores keep artifacts beside the db)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
 def start_or_resume_run(cfg: Config, run_name: str, tags: Mapping[str, str] = ()) -> tuple[str, str, bool]:
     """Return ``(tracking_uri, run_id, resumed)`` for the run called ``run_name``."""
     import mlflow
@@ -51,11 +59,7 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: Mapping[str, str] = ()
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri))
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(client, cfg.tracking.experiment, uri)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
     )
@@ -116,13 +120,17 @@ class RunLogger:
         import mlflow
         import mlflow.pytorch
         import torch
-        from mlflow.models import infer_signature
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
         mlflow.set_tracking_uri(self.uri)
         encoder = encoder.eval().cpu()
         with torch.no_grad():
             out = encoder(torch.as_tensor(example_input)).numpy()
-        signature = infer_signature(example_input, out)
+        # Both axes free: any batch of waveforms of any length (at least one window).
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, out.shape[1]))]))
         with mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(
                 encoder,

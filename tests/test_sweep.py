@@ -1,0 +1,189 @@
+"""Downstream end to end on a real local Ray: embed, probe, a Tune sweep, the report table.
+
+One tiny labelled task (40 synthetic clips of 1.5 s, 4 classes) is embedded once per
+encoder and shared by every test here through the embeddings cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cola_ray import shards, synthetic
+from cola_ray.audio import decode_audio
+from cola_ray.checkpoint import TrainState, save_checkpoint
+from cola_ray.config import Config, ConfigError, ModelConfig
+from cola_ray.embed import load_embeddings, read_meta, split_segments
+from cola_ray.encoders import resolve_encoder
+from cola_ray.model import ColaModel
+from cola_ray.probe import cached_embeddings, probe
+from cola_ray.report import report
+from cola_ray.sweep import load_sweep_config, sweep
+
+CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted
+EXPERIMENT = "test-downstream"
+SWEEP_YAML = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sweep.yaml"
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    labels = synthetic.make_corpus(root / "clips", n_clips=40, seconds=1.5, seed=0)
+    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=10, progress=False)
+    classes = [{"index": i, "label": c} for i, c in enumerate(CLASSES)]
+    (root / "shards" / "task.json").write_text(json.dumps({"task": "toy-sounds", "classes": classes}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint made by hand, as pre-training writes them."""
+    cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
+    torch.manual_seed(1)
+    model = ColaModel(cfg.features, cfg.model)
+    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000007", model, None,
+                               TrainState(step=7, config=cfg.to_dict())))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "cache": str(root / "cache"), "runs": str(root / "runs")}
+
+
+@pytest.mark.slow
+def test_embed_every_segment_with_the_frozen_encoder(ray_local, task, checkpoint, store):
+    path = cached_embeddings(checkpoint, str(task / "shards"), cache_dir=store["cache"], batch_size=16)
+    emb = load_embeddings(path)
+    meta = read_meta(path)
+    # 1.5 s = 24000 samples: segment [0, 15600) and one aligned to the clip's end.
+    assert meta["clips"] == 40 and meta["segments"] == 80 and meta["task"] == "toy-sounds"
+    assert emb["h"].shape == (80, meta["dim"]) and emb["h"].dtype == np.float32
+    assert sorted(set(emb["start"].tolist())) == [0, 24000 - 15600]
+    assert emb["classes"].tolist() == CLASSES
+    assert all(CLASSES[i] == lab for i, lab in zip(emb["label_index"], emb["label"]))
+    assert set(emb["split"]) == {"train", "validation", "test"}
+
+    # The same numbers as the encoder applied by hand to the L2-normalised segments.
+    rows = np.flatnonzero(emb["clip"] == "tones__clip_00001")
+    wave, _, _ = decode_audio((task / "clips" / "tones" / "clip_00001.flac").read_bytes(), 16000)
+    segments, _ = split_segments(wave, 15600)
+    encoder, info = resolve_encoder(checkpoint)
+    assert info["kind"] == "checkpoint"
+    with torch.no_grad():
+        want = encoder(torch.from_numpy(segments)).numpy()
+    np.testing.assert_allclose(emb["h"][rows], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    # Cached: the same folder comes back without recomputing.
+    parquet = f"{path}/embeddings.parquet"
+    stamp = (read_meta(path), os.stat(parquet).st_mtime_ns)
+    assert cached_embeddings(checkpoint, str(task / "shards"), cache_dir=store["cache"]) == path
+    assert (read_meta(path), os.stat(parquet).st_mtime_ns) == stamp
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, task, store):
+    result = sweep("random:test_efficientnet", str(task / "shards"), num_samples=4, max_concurrent=2,
+                   lr_range=(1e-2, 1.0), epoch_choices=(8, 16), grace_period=4, cpus_per_trial=0.5,
+                   experiment=EXPERIMENT, tracking_uri=store["uri"], cache_dir=store["cache"],
+                   storage_path=store["runs"], verbose=0)
+    return result
+
+
+@pytest.mark.slow
+def test_sweep_selects_on_validation_and_reports_test_once(swept, store):
+    client = MlflowClient(store["uri"])
+    parent = client.get_run(swept.run_id)
+    assert parent.info.status == "FINISHED"
+    tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
+    assert tags["cola_ray.task"] == "toy-sounds" and tags["cola_ray.baseline"] == "random init"
+    assert tags["cola_ray.kind"] == "sweep"
+    assert metrics["test_accuracy"] == pytest.approx(swept.test_accuracy)
+    assert 0.0 <= swept.test_accuracy <= 1.0
+
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{swept.run_id}'")
+    assert len(children) == 4 == len(swept.trials)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for child in children:
+        assert not any(k.startswith("test") for k in child.data.metrics), "test is reported once, on the parent"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, len(history) + 1))
+        assert child.data.tags["cola_ray.early_stopped"] in ("true", "false")
+
+    # The selected trial has the best final validation accuracy of all trials ...
+    best = client.get_run(tags["cola_ray.best_trial_run_id"])
+    assert best.data.tags["cola_ray.selected"] == "true"
+    assert best.data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in children)
+    assert float(params["best_lr"]) == pytest.approx(float(best.data.params["lr"]))
+    assert swept.best_config["lr"] == pytest.approx(float(best.data.params["lr"]))
+    # ... and retraining its config on the driver gives back the trial's layer.
+    assert metrics["val_loss"] == pytest.approx(best.data.metrics["val_loss"], rel=1e-4)
+    assert int(params["best_epochs"]) == len(client.get_metric_history(best.info.run_id, "val_accuracy"))
+
+    evaluation = {a.path for a in client.list_artifacts(swept.run_id, "evaluation")}
+    assert "evaluation/confusion_test.csv" in evaluation
+    assert {a.path for a in client.list_artifacts(swept.run_id, "probe")} == {"probe/probe.safetensors"}
+
+
+@pytest.mark.slow
+def test_report_builds_the_paper_table(swept, task, checkpoint, store, tmp_path):
+    frozen = probe(checkpoint, str(task / "shards"), epochs=10, lr=0.1, experiment=EXPERIMENT,
+                   tracking_uri=store["uri"], cache_dir=store["cache"])
+    client = MlflowClient(store["uri"])
+    assert client.get_run(frozen.run_id).data.tags["cola_ray.baseline"] == "COLA frozen"
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def logged(task_name, baseline, accuracy, start_time=None):
+        run = client.create_run(exp, start_time=start_time,
+                                tags={"cola_ray.task": task_name, "cola_ray.baseline": baseline})
+        client.log_metric(run.info.run_id, "test_accuracy", accuracy)
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    logged("toy-sounds", "random init", 0.99, start_time=1000)  # older than the sweep: not the cell
+    logged("zz-other", "random init", 0.5)
+
+    r = report(EXPERIMENT, tmp_path / "report", tracking_uri=store["uri"])
+    assert r.tasks == ["toy-sounds", "zz-other"]
+    assert r.baselines == ["random init", "COLA frozen"]  # the paper's column order
+    assert r.cells["toy-sounds", "random init"].accuracy == pytest.approx(100 * swept.test_accuracy)
+    assert r.cells["toy-sounds", "random init"].run_id == swept.run_id
+    assert r.cells["toy-sounds", "COLA frozen"].accuracy == pytest.approx(100 * frozen.test_accuracy)
+    assert ("zz-other", "COLA frozen") not in r.cells
+    assert r.average["random init"] == pytest.approx((100 * swept.test_accuracy + 50.0) / 2)
+    assert r.average["COLA frozen"] == pytest.approx(100 * frozen.test_accuracy)
+
+    rows = list(csv.reader(open(r.files["csv"])))
+    assert rows[0] == ["task", "random init", "COLA frozen"]
+    assert rows[2] == ["zz-other", "50.00", ""]
+    assert rows[3][0] == "Average" and float(rows[3][1]) == pytest.approx(r.average["random init"], abs=0.01)
+    md = open(r.files["markdown"]).read()
+    assert f"| toy-sounds | {100 * swept.test_accuracy:.1f} | {100 * frozen.test_accuracy:.1f} |" in md
+    assert "| zz-other | 50.0 | – |" in md and "(1/2 tasks)" in md
+    logged_files = {a.path for a in client.list_artifacts(r.run_id, "report")}
+    assert {"report/report.md", "report/report.csv"} <= logged_files
+    assert ("png" in r.files) == ("report/report.png" in logged_files)
+
+
+def test_sweep_yaml_reads_the_environment_and_refuses_unknown_keys(monkeypatch):
+    monkeypatch.setenv("COLA_ENCODER", "random:efficientnet_b0")
+    monkeypatch.setenv("COLA_TASK", "s3://bucket/tasks/spc1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = load_sweep_config(SWEEP_YAML, ["num_samples=3", "epoch_choices=[5, 10]"],
+                                 {"max_concurrent": 1, "experiment": None})
+    assert settings["encoder_ref"] == "random:efficientnet_b0" and settings["task"] == "s3://bucket/tasks/spc1"
+    assert settings["num_samples"] == 3 and settings["epoch_choices"] == [5, 10]
+    assert settings["max_concurrent"] == 1 and settings["experiment"] == "cola-ray-downstream"
+    assert settings["tracking_uri"] == "sqlite:////tmp/cola-ray/mlflow.db"
+    with pytest.raises(ConfigError, match="unknown sweep key 'epochs'"):
+        load_sweep_config(SWEEP_YAML, ["epochs=5"])
+    monkeypatch.delenv("COLA_TASK")
+    with pytest.raises(ConfigError, match="'task' is required"):
+        load_sweep_config(SWEEP_YAML)
