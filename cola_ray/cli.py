@@ -8,6 +8,7 @@
     cola-ray demo [--workdir DIR] [section.key=value ...]
     cola-ray embed --encoder REF --data SHARDS --out DIR [--remainder end|drop|pad] [--use-gpu]
     cola-ray probe --encoder REF --task SHARDS [--lr X] [--epochs N] [--baseline B]
+    cola-ray finetune --encoder REF --task SHARDS [--from-scratch] [--lr X] [--epochs N] [--num-workers N]
     cola-ray sweep --encoder REF --task SHARDS [--config FILE] [--num-samples N] [key=value ...]
     cola-ray report [--experiment NAME] [--out DIR]
     cola-ray export --encoder REF OUT [--tracking-uri URI] [--overwrite]
@@ -95,6 +96,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_probe.add_argument("--cache-dir", default="", help="embeddings cache (default $COLA_RAY_CACHE or ~/.cache/cola-ray)")
     p_probe.add_argument("--refresh", action="store_true", help="recompute the cached embeddings")
     p_probe.add_argument("--use-gpu", action="store_true", help="embed on GPU")
+
+    p_ft = sub.add_parser("finetune", help="fine-tune encoder + linear layer end to end (Ray Train); val/test to MLflow")
+    p_ft.add_argument("--encoder", required=True, help=encoder_help)
+    p_ft.add_argument("--task", required=True, help="task shards (see `cola-ray tasks prepare`)")
+    p_ft.add_argument("--from-scratch", action="store_true",
+                      help="supervised baseline: the encoder's architecture with random weights")
+    p_ft.add_argument("--lr", type=float, default=1e-4)
+    p_ft.add_argument("--weight-decay", type=float, default=0.0)
+    p_ft.add_argument("--epochs", type=int, default=30)
+    p_ft.add_argument("--batch-size", type=int, default=64, help="global batch, split over the workers")
+    p_ft.add_argument("--seed", type=int, default=0)
+    p_ft.add_argument("--select", choices=("best", "last"), default="best",
+                      help="weights evaluated on test: best validation epoch (default) or the last")
+    p_ft.add_argument("--baseline", choices=baselines, default=None,
+                      help="table column; default: 'supervised' with --from-scratch or random:<model>, "
+                           "else 'COLA fine-tuned'")
+    p_ft.add_argument("--num-workers", type=int, default=1)
+    p_ft.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p_ft.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p_ft.add_argument("--storage-path", default="./runs", help="Ray Train run folder (local or s3://)")
+    p_ft.add_argument("--experiment", default="cola-ray-downstream")
+    p_ft.add_argument("--tracking-uri", default="")
 
     p_sweep = sub.add_parser("sweep", help="Ray Tune sweep of the probe: select on validation, test once")
     p_sweep.add_argument("--encoder", help=encoder_help + " (or encoder_ref in --config)")
@@ -203,6 +226,18 @@ def _run(args: argparse.Namespace) -> int:
                        refresh=args.refresh, use_gpu=args.use_gpu)
         print(f"validation accuracy {result.val_accuracy:.1%}, test accuracy {result.test_accuracy:.1%}; "
               f"MLflow run {result.run_id}")
+        return 0
+    if args.command == "finetune":
+        from cola_ray.finetune import finetune
+
+        result = finetune(args.encoder, args.task, from_scratch=args.from_scratch, lr=args.lr,
+                          weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
+                          seed=args.seed, select=args.select, baseline=args.baseline or "",
+                          num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
+                          use_gpu=args.use_gpu, storage_path=args.storage_path, experiment=args.experiment,
+                          tracking_uri=args.tracking_uri)
+        print(f"validation accuracy {result.val_accuracy:.1%} (epoch {result.selected_epoch}), "
+              f"test accuracy {result.test_accuracy:.1%}; MLflow run {result.run_id}; weights {result.checkpoint}")
         return 0
     if args.command == "sweep":
         from cola_ray.sweep import describe, load_sweep_config, sweep

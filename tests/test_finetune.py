@@ -1,0 +1,168 @@
+"""End-to-end fine-tuning on a real local Ray: Ray Data crops -> TorchTrainer -> MLflow -> report.
+
+One tiny labelled task (32 synthetic clips of 1.5 s, 3 classes); a hand-made COLA
+checkpoint is fine-tuned ("COLA fine-tuned") and a timm name is trained from scratch
+("supervised"); the report table gets both columns.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cola_ray import shards, synthetic
+from cola_ray.checkpoint import TrainState, save_checkpoint
+from cola_ray.config import Config, ModelConfig
+from cola_ray.embed import split_segments
+from cola_ray.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
+                               train_labels)
+from cola_ray.report import report
+
+CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
+EXPERIMENT = "test-finetune"
+DATA = {"classes": CLASSES, "sample_rate": 16000, "segment_samples": 15600, "remainder": "end",
+        "endpoint_url": "", "region": ""}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    labels = synthetic.make_corpus(root / "clips", n_clips=32, seconds=1.5, n_classes=3, seed=0)
+    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=8, progress=False)
+    classes = [{"index": i, "label": c} for i, c in enumerate(CLASSES)]
+    (root / "shards" / "task.json").write_text(json.dumps({"task": "toy-ft", "classes": classes}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A pre-training checkpoint made by hand (test_efficientnet, no stochastic depth)."""
+    from cola_ray.model import ColaModel
+
+    cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
+    torch.manual_seed(1)
+    model = ColaModel(cfg.features, cfg.model)
+    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000007", model, None,
+                               TrainState(step=7, config=cfg.to_dict())))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "runs": str(root / "runs")}
+
+
+def test_from_scratch_keeps_the_architecture_and_draws_new_weights(checkpoint):
+    tuned, info = build_encoder(checkpoint)
+    scratch, scratch_info = build_encoder(checkpoint, from_scratch=True)
+    assert info["kind"] == "checkpoint" and scratch_info["encoder"] == "test_efficientnet"
+    a, b = tuned.state_dict(), scratch.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert tuned.training and scratch.training  # fine-tuning trains BatchNorm too
+    assert default_baseline(checkpoint, False) == "COLA fine-tuned"
+    assert default_baseline(checkpoint, True) == "supervised"
+    assert default_baseline("random:test_efficientnet", False) == "supervised"
+
+
+def test_train_crops_are_labelled_train_clips_and_change_every_read(task):
+    url = shards.shard_urls(str(task / "shards"))[0]
+    cfg = {**DATA, "split": "train"}
+    first, second = list(decode_and_crop_labelled({"shard": url}, cfg)), list(decode_and_crop_labelled({"shard": url}, cfg))
+    assert first and set(first[0]) == {"wave", "label"}  # numeric columns only
+    assert all(r["wave"].shape == (15600,) and r["wave"].dtype == np.float32 for r in first)
+    assert all(np.isclose(np.linalg.norm(r["wave"]), 1.0, atol=1e-4) for r in first)
+    assert {int(r["label"]) for r in first} <= {0, 1, 2}
+    assert any(not np.array_equal(a["wave"], b["wave"]) for a, b in zip(first, second))
+
+
+def test_classes_without_task_json_are_the_sorted_train_labels(task):
+    assert train_labels(shards.shard_urls(str(task / "shards"))) == sorted(CLASSES)
+
+
+def test_evaluation_segments_are_the_probe_grid(task):
+    """encode_split sees exactly embed's segments (remainder ``end``) of the split's clips."""
+    urls = shards.shard_urls(str(task / "shards"))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        embedding_dim = 1
+
+        def forward(self, wave):
+            seen.append(wave.clone())
+            return wave[:, :1]
+
+    out = encode_split(Spy(), urls, "test", DATA, torch.device("cpu"), batch_size=5)
+    n = len(set(out["clip"]))
+    assert out["h"].shape == (2 * n, 1) and n > 0  # 1.5 s clips: two segments each
+    wave = torch.cat(seen).numpy()
+    from cola_ray.audio import decode_audio
+
+    first = out["clip"][0]
+    label = CLASSES[out["label_index"][0]]
+    raw = (task / "clips" / label / f"{first.split('__')[-1]}.flac").read_bytes()
+    want, _ = split_segments(decode_audio(raw, 16000)[0], 15600)
+    np.testing.assert_allclose(wave[np.flatnonzero(out["clip"] == first)], want, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_local, task, checkpoint, store):
+    return finetune(checkpoint, str(task / "shards"), epochs=2, batch_size=8, lr=1e-3, cpus_per_worker=1,
+                    experiment=EXPERIMENT, tracking_uri=store["uri"], storage_path=store["runs"])
+
+
+@pytest.fixture(scope="module")
+def scratch(ray_local, task, store):
+    return finetune("random:test_efficientnet", str(task / "shards"), from_scratch=True, epochs=2, batch_size=8,
+                    lr=1e-3, select="last", cpus_per_worker=1, log_model=False,
+                    experiment=EXPERIMENT, tracking_uri=store["uri"], storage_path=store["runs"])
+
+
+@pytest.mark.slow
+def test_finetune_logs_one_run_with_curves_and_test_once(tuned, store):
+    client = MlflowClient(store["uri"])
+    run = client.get_run(tuned.run_id)
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    assert run.info.status == "FINISHED"
+    assert tags["cola_ray.task"] == "toy-ft" and tags["cola_ray.baseline"] == "COLA fine-tuned"
+    assert tags["cola_ray.kind"] == "finetune"
+    assert params["from_scratch"] == "False" and params["classes"] == "3" and params["epochs"] == "2"
+    for key in ("train_loss", "epoch_val_accuracy"):
+        history = client.get_metric_history(tuned.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2] and all(np.isfinite(m.value) for m in history)
+    assert [h["epoch"] for h in tuned.history] == [1, 2]
+    # Test is evaluated once, with the best validation epoch's weights.
+    assert len(client.get_metric_history(tuned.run_id, "test_accuracy")) == 1
+    assert metrics["test_accuracy"] == pytest.approx(tuned.test_accuracy) and 0.0 <= tuned.test_accuracy <= 1.0
+    assert metrics["val_accuracy"] == pytest.approx(tuned.val_accuracy)
+    assert tuned.selected_epoch in (1, 2)
+    best = max(tuned.history, key=lambda h: h["epoch_val_accuracy"])  # max: the earliest on ties
+    assert tuned.selected_epoch == best["epoch"]
+    assert tuned.val_accuracy == pytest.approx(best["epoch_val_accuracy"])
+    assert metrics["test_clips"] > 0 and metrics["val_clips"] > 0
+    assert "evaluation/confusion_test.csv" in {a.path for a in client.list_artifacts(tuned.run_id, "evaluation")}
+    assert {a.path for a in client.list_artifacts(tuned.run_id, "finetuned")} == {
+        "finetuned/model.safetensors", "finetuned/finetune.json"}
+    meta = json.loads(open(f"{tuned.checkpoint}/finetune.json").read())
+    assert meta["classes"] == CLASSES and meta["epoch"] == tuned.selected_epoch
+
+
+@pytest.mark.slow
+def test_supervised_baseline_and_report_columns(tuned, scratch, store, tmp_path):
+    client = MlflowClient(store["uri"])
+    run = client.get_run(scratch.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cola_ray.baseline"] == "supervised" and run.data.params["from_scratch"] == "True"
+    assert scratch.selected_epoch == 2  # select="last"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(scratch.test_accuracy)
+
+    r = report(EXPERIMENT, tmp_path / "report", tracking_uri=store["uri"])
+    assert r.tasks == ["toy-ft"]
+    assert r.baselines == ["supervised", "COLA fine-tuned"]  # the paper's column order
+    assert r.cells["toy-ft", "COLA fine-tuned"].accuracy == pytest.approx(100 * tuned.test_accuracy)
+    assert r.cells["toy-ft", "supervised"].accuracy == pytest.approx(100 * scratch.test_accuracy)
+    assert r.cells["toy-ft", "supervised"].kind == "finetune"
