@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         print(f"cola-ray: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 
-from cola_ray import audio, shards, storage, tracking
+from cola_ray import audio, cluster, shards, storage, tracking
 from cola_ray.pipeline import SampleCounter
 from cola_ray.tasks import TASK_FILE
 
@@ -188,8 +188,7 @@ def embed(
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # the folder counts as finished again only at the end
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address or None)
+    cluster.connect(ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.monotonic()
     counter = SampleCounter.remote()

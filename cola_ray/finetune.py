@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cola_ray import audio, distributed, shards, storage
+from cola_ray import audio, cluster, distributed, shards, storage
 from cola_ray.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
                             evaluate, log_evaluation, log_metrics, log_params, open_tracking)
 
@@ -377,8 +377,7 @@ def finetune(
                                     "segment_samples": segment_samples, "remainder": remainder,
                                     "classes": len(classes), "encoder_name": info["encoder"],
                                     "dim": info["embedding_dim"]})
-        if not ray.is_initialized():
-            ray.init(address=ray_address or None)
+        cluster.connect(ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
         root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
         trainer = TorchTrainer(

@@ -142,12 +142,14 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
         raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
     ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
     if data.shuffle_shards:
-        ds = ds.random_shuffle()
+        # One shard per block: a fresh block order each epoch is a fresh shard order,
+        # without random_shuffle's all-to-all tasks before the first decode.
+        ds = ds.randomize_block_order()
     remote_args: dict[str, Any] = {"num_cpus": data.decode_num_cpus}
     if data.decode_resources:
         remote_args["resources"] = dict(data.decode_resources)
     if data.decode_concurrency:
-        remote_args["concurrency"] = data.decode_concurrency
+        remote_args["compute"] = ray.data.TaskPoolStrategy(size=data.decode_concurrency)
     return ds.flat_map(
         decode_and_crop,
         fn_kwargs={"cfg": _plain(data), "counter": counter},

@@ -39,7 +39,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from cola_ray import embed, tracking
+from cola_ray import cluster, embed, tracking
 from cola_ray.config import ConfigError, expand_env
 from cola_ray.probe import (
     DEFAULT_EXPERIMENT,
@@ -182,8 +182,7 @@ def sweep(
     evaluated on test once.
     """
     baseline = check_baseline(baseline or default_baseline(encoder_ref))
-    if not ray.is_initialized():
-        ray.init(address=ray_address or None)
+    cluster.connect(ray_address)
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,
                              tracking_uri=tracking_uri, ray_address=ray_address, **dict(embed_options or {}))
     emb = embed.load_embeddings(path)

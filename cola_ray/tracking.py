@@ -3,13 +3,17 @@
 The driver creates the run before training starts, so it can print where the run is
 and so a resumed job (same run name) continues the same MLflow run. Workers never use
 MLflow's fluent global state for metrics: rank 0 holds a :class:`RunLogger` bound to the
-run id. Nothing secret is logged: params are the config, which holds no credentials.
+run id. Nothing secret is logged: params are the config, which holds no credentials, and
+any URL in it has the password of its user-info part masked (:func:`redact`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +25,56 @@ RUN_NAME_TAG = "cola_ray.run_name"
 # not wait that long. Bounded here, before mlflow is imported anywhere in this process.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# MLflow prints "View run ... at: <tracking URI>/#/..." when a run ends, with any
+# user:password in the URI; fit() prints its own, redacted, link instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+PROBE_TIMEOUT_S = 10.0
+"""How long the driver waits for an MLflow server to answer before training starts."""
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]*)@")
+
+
+def redact(value: Any) -> Any:
+    """``http://user:pass@host`` -> ``http://user:***@host`` in any string; other values as given.
+
+    Params, tags and printed URLs pass through here: a config value (a tracking URI, an
+    S3 endpoint) may carry credentials in its user-info part.
+    """
+    if not isinstance(value, str):
+        return value
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+
+
+def redact_tree(tree: Any) -> Any:
+    """:func:`redact` every string of a nested dict / list (a config crossing into Ray, a checkpoint)."""
+    if isinstance(tree, Mapping):
+        return {k: redact_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact_tree(v) for v in tree]
+    return redact(tree)
+
+
+def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within ``timeout`` seconds, naming the (redacted) URI, if an http(s) tracking
+    server does not answer. Any HTTP status counts as an answer (auth is the client's
+    business); other stores (sqlite, file, databricks) are not probed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    # Credentials in the URI's user-info are not sent with the probe, and never printed.
+    try:
+        urllib.request.urlopen(_URL_USERINFO.sub(lambda m: m["scheme"], url), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(
+            f"MLflow tracking server {redact(uri)} (tracking.tracking_uri / MLFLOW_TRACKING_URI) "
+            f"did not answer within {timeout:.0f}s: {reason}"
+        ) from None
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -69,7 +123,7 @@ def start_or_resume_run(cfg: Config, run_name: str, tags: Mapping[str, str] = ()
         client.set_tag(run_id, "cola_ray.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         return uri, run_id, True
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **dict(tags)})
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+    params = [mlflow.entities.Param(k, str(redact(v))[:6000]) for k, v in cfg.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return uri, run.info.run_id, False
@@ -83,6 +137,7 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 def run_url(uri: str, run_id: str, experiment: str) -> str:
     """A human pointer to the run: the UI URL for a server, else how to open the UI."""
+    uri = redact(uri)
     if uri.startswith("http"):
         return f"{uri.rstrip('/')}/#/experiments/?searchFilter=attributes.run_id%3D%27{run_id}%27"
     return f"mlflow ui --backend-store-uri {uri}   (experiment {experiment!r}, run {run_id})"

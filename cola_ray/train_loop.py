@@ -17,6 +17,7 @@ in the logs beyond those after the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import tempfile
 import time
@@ -121,8 +122,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = window.reduce(cfg.train.batch_size)
                 metrics.update(lr=optimizer.param_groups[0]["lr"], epoch=state.epoch)
                 if counter is not None:
-                    snap = ray.get(counter.snapshot.remote()) if rank == 0 else None
-                    if rank == 0:
+                    snap = _snapshot(counter) if rank == 0 else None
+                    if rank == 0 and snap is not None:
                         metrics.update(_sample_metrics(snap))
                     _fail_together(rank, snap, cfg, device)
                 if logger is not None:
@@ -183,6 +184,16 @@ def _check_resume(restored: TrainState, cfg: Config, world: int) -> None:
         )
 
 
+def _snapshot(counter: Any) -> dict[str, Any] | None:
+    """The bad-sample tallies, or None if their actor is gone (its node died): training goes
+    on without counts rather than failing for want of a statistic."""
+    try:
+        return ray.get(counter.snapshot.remote(), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        logging.getLogger(__name__).warning("bad-sample counter unavailable, not counting: %s", e)
+        return None
+
+
 def _sample_metrics(snap: dict[str, Any]) -> dict[str, float]:
     bad = snap["bad"]
     out = {"data/good_samples": float(snap["good"]), "data/bad_samples": float(sum(bad.values()))}
@@ -193,7 +204,7 @@ def _sample_metrics(snap: dict[str, Any]) -> dict[str, float]:
 def _fail_together(rank: int, snap: dict[str, Any] | None, cfg: Config, device: torch.device) -> None:
     """Rank 0 judges the error budget; every rank raises together so none is left waiting."""
     message = ""
-    if rank == 0:
+    if rank == 0 and snap is not None:
         try:
             check_budget(snap, cfg.data)
         except RuntimeError as e:
@@ -216,6 +227,7 @@ class _Window:
         self.accs: list[torch.Tensor] = []
         self.wait = self.total = 0.0
         self.skipped = 0
+        self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, acc: torch.Tensor, *, wait: float, total: float, skipped: bool) -> None:
         if not skipped:
@@ -244,7 +256,8 @@ class _Window:
             "loss": mean[0].item(),
             "contrastive_accuracy": mean[1].item(),
             "data_wait_fraction": mean[2].item(),
-            "pairs_per_second": n * global_batch / max(self.total, 1e-9),
+            # Wall time since the last log line: logging and checkpoints count too.
+            "pairs_per_second": n * global_batch / max(time.perf_counter() - self.started, 1e-9),
             "skipped_steps": float(self.skipped),
         }
         self.reset()

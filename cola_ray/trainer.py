@@ -19,8 +19,9 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cola_ray import storage, tracking
+from cola_ray import cluster, storage, tracking
 from cola_ray.config import Config, ConfigError
 from cola_ray.pipeline import SampleCounter, list_shards, read_pairs
 from cola_ray.train_loop import train_loop_per_worker
@@ -28,8 +29,6 @@ from cola_ray.train_loop import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
-
-
 @dataclass
 class FitResult:
     run_name: str
@@ -44,18 +43,25 @@ class FitResult:
 def fit(cfg: Config, *, echo=print) -> FitResult:
     """Pre-train COLA as ``cfg`` says; returns where the run and its checkpoints are."""
     cfg.validate()
+    # Bad input fails here, within seconds and naming the thing, before Ray starts: an
+    # unreachable service (not after minutes of client retries; ray.init alone waits
+    # indefinitely for a dead head) or a missing shard path or bucket.
+    cluster.check_s3_endpoint(cfg)
     cfg = _resolve_shards(cfg, echo)
-    urls = list_shards(cfg.data)  # a missing path or bucket fails here, before Ray starts
+    urls = list_shards(cfg.data)
+    tracking.check_server(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+    cluster.check_ray_address(cfg.ray_address)
     fs, root = _storage(cfg)
     name = _run_name(cfg, fs, root)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{name}"
 
-    if not ray.is_initialized():
-        # address=None: RAY_ADDRESS if set, else a local Ray started for this process.
-        ray.init(address=cfg.ray_address or None)
+    cluster.connect(cfg.ray_address)
     # Per-epoch progress bars of the streaming split drown the log; MLflow has the progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset_counter = SampleCounter.remote()
+    cluster.check_resources(cfg)
+    # On the driver's node: the run's tallies must outlive the loss of any worker node.
+    dataset_counter = SampleCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     datasets = {"train": read_pairs(cfg.data, dataset_counter, urls)}
 
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, name, tags={"cola_ray.run_dir": run_dir})
@@ -66,7 +72,9 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.to_dict(),
+            # Credentials in URLs are masked: the workers' copy ends up in every checkpoint's
+            # state.json (and its MLflow copy); the live values they need travel in "run".
+            "config": tracking.redact_tree(cfg.to_dict()),
             # Runtime facts of this run, kept out of the config on purpose.
             "run": {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter},
         },

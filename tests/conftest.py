@@ -29,7 +29,9 @@ def ray_local(moto_s3):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": never attach to another cluster on this machine (a `ray start`
+        # elsewhere leaves /tmp/ray/ray_current_cluster, which address=None would follow).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     yield ray
     ray.shutdown()

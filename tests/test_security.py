@@ -1,0 +1,191 @@
+"""Secrets are found nowhere (RELIABILITY.md row 18): a canary planted where secrets live.
+
+Canaries: ``AWS_SECRET_ACCESS_KEY`` and ``MLFLOW_TRACKING_PASSWORD`` in the environment of
+a pre-training run, and a password inside a config value (``tracking.tracking_uri =
+http://bob:<canary>@127.0.0.1:<port>``, which MLflow's client accepts). The run is a real
+one: shards and checkpoints in S3 (moto; it does not check keys), a real ``mlflow server``
+of this test's own, and its own local Ray in a subprocess (workers see the env it sets;
+the session ``ray_local`` would not). Then every place a secret could land is searched:
+MLflow params, tags, metrics, every artifact (downloaded), the server's database and
+artifact store and log, every file of that Ray's temp dir (session logs, job table),
+every object in the bucket (checkpoints), and the run's stdout/stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cola_ray import tracking
+from cola_ray.config import load_config
+
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 300
+
+RUN_SCRIPT = r"""
+import json, sys
+import ray
+from cola_ray.config import load_config
+from cola_ray.trainer import fit
+temp_dir, out, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
+try:
+    result = fit(load_config(config, overrides))
+    jobs = ray._private.state.state.job_table()
+    with open(out, "w") as f:
+        json.dump({"run_id": result.mlflow_run_id, "checkpoint": result.checkpoint, "jobs": jobs}, f,
+                  default=str)
+finally:
+    ray.shutdown()
+"""
+
+
+def test_redact_masks_passwords_in_urls():
+    assert tracking.redact("http://bob:s3cr3t@host:5000/x") == "http://bob:***@host:5000/x"
+    assert tracking.redact("see https://u:p@a.b and s3+http://k:v@c") == "see https://u:***@a.b and s3+http://k:***@c"
+    assert tracking.redact("http://host:5000") == "http://host:5000"
+    assert tracking.redact("s3://bucket/a:b@c") == "s3://bucket/a:b@c"  # no user-info: a key, untouched
+    assert tracking.redact(3) == 3
+    assert tracking.redact_tree({"a": ["http://u:p@h"], "b": {"c": "http://u:p@h"}}) == {
+        "a": ["http://u:***@h"], "b": {"c": "http://u:***@h"}}
+    url = tracking.run_url("http://u:canary@127.0.0.1:5000", "r1", "e")
+    assert "canary" not in url and url.startswith("http://u:***@127.0.0.1:5000/")
+
+
+def test_params_of_a_run_mask_credentials_in_config_urls(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["data.shards=x", "data.s3_endpoint_url=http://key:canary-s3@127.0.0.1:9000",
+                             f"tracking.tracking_uri={uri}"])
+    uri, run_id, _ = tracking.start_or_resume_run(cfg, "r")
+    params = MlflowClient(uri).get_run(run_id).data.params
+    assert params["data.s3_endpoint_url"] == "http://key:***@127.0.0.1:9000"
+    assert not any("canary" in v for v in params.values())
+
+
+@pytest.mark.slow
+def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
+    import boto3
+    from mlflow.tracking import MlflowClient
+    from services import free_port, stop_process_group, wait_http
+
+    from cola_ray import shards, synthetic
+
+    tag = uuid.uuid4().hex[:12]
+    canaries = {
+        "aws": f"canary-aws-{tag}",
+        "mlflow-password": f"canary-mlflowpw-{tag}",
+        "uri-password": f"canary-uripw-{tag}",
+    }
+    synthetic.make_corpus(tmp_path / "clips", n_clips=16, seconds=2.0, seed=4)
+    shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", max_samples=8, progress=False)
+
+    server_root = tmp_path / "mlflow-server"
+    server_root.mkdir()
+    port = free_port()
+    log = open(server_root / "server.log", "wb")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{server_root / 'mlflow.db'}",
+         "--artifacts-destination", str(server_root / "artifacts"), "--serve-artifacts", "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    # Short: Ray's socket paths must stay under the OS limit.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="crsec-", dir="/tmp"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=server)
+        secret_uri = f"http://bob:{canaries['uri-password']}@127.0.0.1:{port}"
+        overrides = [
+            f"data.shards={s3_bucket}/shards", "data.shuffle_buffer=16", "data.decode_num_cpus=0.5",
+            "model.encoder=test_efficientnet", "model.drop_path_rate=0.0", "model.proj_dim=16",
+            "train.batch_size=8", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.max_steps=4",
+            "train.log_every_steps=1", "train.checkpoint_every_steps=2", "train.max_failures=0",
+            "name=secret-run", f"storage_path={s3_bucket}/runs", "tracking.experiment=security",
+        ]
+        # The secret URI reaches the config through a ${VAR} reference, as a user would pass it
+        # (a command-line override would put it in the job's entrypoint, for all to see).
+        config = tmp_path / "secret.yaml"
+        config.write_text("tracking:\n  tracking_uri: ${SECRET_TRACKING_URI}\n")
+        env = {**os.environ, "SECRET_TRACKING_URI": secret_uri, "AWS_SECRET_ACCESS_KEY": canaries["aws"],
+               "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": canaries["mlflow-password"]}
+        out = ray_tmp / "result.json"
+        proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(ray_tmp), str(out), str(config),
+                                 json.dumps(overrides)],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc)
+            stdout, stderr = proc.communicate()
+            pytest.fail("run timed out:\n" + stderr.decode(errors="replace")[-6000:])
+        assert proc.returncode == 0, stderr.decode(errors="replace")[-8000:]
+        res = json.loads(out.read_text())
+        assert res["checkpoint"].endswith("checkpoint_000000004")
+
+        places: dict[str, bytes] = {"stdout": stdout, "stderr": stderr}
+        # MLflow: the run's params, tags, metric keys, experiment; every artifact.
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run = client.get_run(res["run_id"])
+        assert run.data.params["tracking.tracking_uri"] == f"http://bob:***@127.0.0.1:{port}"
+        places["mlflow params"] = json.dumps(run.data.params).encode()
+        places["mlflow tags"] = json.dumps(run.data.tags).encode()
+        places["mlflow metric keys"] = json.dumps(sorted(run.data.metrics)).encode()
+        places["mlflow experiment"] = repr(client.get_experiment(run.info.experiment_id)).encode()
+        downloaded = Path(client.download_artifacts(res["run_id"], "", str(tmp_path / "artifacts")))
+        places.update(_files(downloaded, "mlflow artifact"))
+        # MLflow 3 keeps a logged model beside the run's artifacts: download it too.
+        import mlflow.artifacts
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")  # models:/ URIs resolve against it
+        try:
+            model_dir = mlflow.artifacts.download_artifacts(
+                artifact_uri=run.data.tags["cola_ray.encoder_uri"], dst_path=str(tmp_path / "model"))
+        finally:
+            mlflow.set_tracking_uri(previous)
+        places.update(_files(Path(model_dir), "mlflow model"))
+        assert any("checkpoints" in k for k in places) and any("MLmodel" in k for k in places)
+        # The server's own store (database, artifact folder, log).
+        log.flush()
+        places.update(_files(server_root, "mlflow server"))
+        # That Ray's temp dir: session logs of every process, and the job table.
+        places.update(_files(ray_tmp, "ray temp"))
+        assert any("/logs/" in k for k in places), "no Ray session log found to search"
+        # Every object in the bucket (shards, checkpoints).
+        s3 = boto3.client("s3")
+        bucket = s3_bucket[len("s3://"):]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                places[f"s3 {obj['Key']}"] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        assert any("state.json" in k for k in places)
+
+        leaks = [(what, name) for name, blob in places.items() for what, c in canaries.items()
+                 if c.encode() in blob]
+        assert not leaks, f"canary found: {leaks}"
+        # The search itself works: the (redacted) URI is found where expected.
+        assert f"bob:***@127.0.0.1:{port}".encode() in places["stdout"]
+    finally:
+        stop_process_group(server)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _files(root: Path, label: str) -> dict[str, bytes]:
+    out = {}
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                out[f"{label} {path}"] = path.read_bytes()
+            except OSError:
+                pass  # sockets, files removed while walking
+    return out
