@@ -67,7 +67,7 @@ def run_demo(workdir: str | Path = "cola-demo", n_clips: int = 300, overrides: S
     echo(f"[3/4] Pre-training {cfg.model.encoder} with {cfg.train.num_workers} Ray workers")
     result = fit(cfg, echo=echo)
     if probe_epochs > 0:
-        echo(f"[4/4] Linear probe on the labelled demo task: random init vs pre-trained")
+        echo("[4/4] Linear probe on the labelled demo task: random init vs pre-trained")
         scores = compare_probes(cfg, result.checkpoint, workdir, probe_epochs)
         echo("")
         echo(f"    {'encoder':<34} {'val acc':>8} {'test acc':>9}")

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 
-from cola_ray import audio, cluster, shards, storage, tracking
+from cola_ray import audio, cluster, pipeline, shards, storage, tracking
 from cola_ray.pipeline import SampleCounter
 from cola_ray.tasks import TASK_FILE
 
@@ -87,40 +87,23 @@ def decode_segments(row: dict[str, Any], cfg: dict[str, Any], counter: Any | Non
     :class:`~cola_ray.pipeline.SampleCounter`), an unreadable shard once by name.
     """
     url = row["shard"]
-    name = os.path.basename(url)
-    good, bad = 0, collections.Counter()
-    shard_error = ""
+    tally = pipeline.ShardTally(os.path.basename(url))
     try:
-        with storage.open_input(url, endpoint_url=cfg["endpoint_url"], region=cfg["region"]) as stream:
-            for item in shards.iter_samples(stream, name):
-                if isinstance(item, audio.BadSample):
-                    bad[item.reason] += 1
-                    continue
-                key, members = item
-                try:
-                    meta = shards.sample_meta(members, key)
-                    _, raw = audio.audio_member(members, key)
-                    wave, _, _ = audio.decode_audio(raw, cfg["sample_rate"], name=key)
-                except audio.BadSample as e:
-                    bad[e.reason] += 1
-                    continue
-                segments, starts = split_segments(wave, cfg["segment_samples"], cfg["remainder"])
-                for i, (segment, start) in enumerate(zip(segments, starts)):
-                    yield {
-                        "clip": key,
-                        "segment": i,
-                        "start": int(start),
-                        "label": str(meta.get("label", "")),
-                        "split": str(meta.get("split", "")),
-                        "wave": segment,
-                    }
-                good += 1
-    except shards.ShardError as e:
-        bad["bad_shard"] += 1
-        shard_error = str(e)
+        for key, meta, wave in pipeline.decoded_clips(url, cfg["sample_rate"], tally,
+                                                      endpoint_url=cfg["endpoint_url"], region=cfg["region"]):
+            segments, starts = split_segments(wave, cfg["segment_samples"], cfg["remainder"])
+            for i, (segment, start) in enumerate(zip(segments, starts)):
+                yield {
+                    "clip": key,
+                    "segment": i,
+                    "start": int(start),
+                    "label": str(meta.get("label", "")),
+                    "split": str(meta.get("split", "")),
+                    "wave": segment,
+                }
+            tally.good += 1
     finally:
-        if counter is not None:
-            counter.add.remote(name, good, dict(bad), shard_error)
+        tally.report(counter)
 
 
 class EmbedSegments:

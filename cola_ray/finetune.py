@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cola_ray import audio, cluster, distributed, shards, storage
+from cola_ray import audio, cluster, distributed, pipeline, shards, storage
 from cola_ray.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
                             evaluate, log_evaluation, log_metrics, log_params, open_tracking)
 
@@ -107,29 +107,20 @@ def decode_and_crop_labelled(row: dict[str, Any], cfg: dict[str, Any]) -> Iterat
     n = cfg["segment_samples"]
     rng = np.random.default_rng()  # fresh entropy on every read: new crops every epoch
     url = row["shard"]
-    with storage.open_input(url, endpoint_url=cfg["endpoint_url"], region=cfg["region"]) as stream:
-        for item in shards.iter_samples(stream, os.path.basename(url)):
-            if isinstance(item, audio.BadSample):
-                continue
-            key, members = item
-            try:
-                meta = shards.sample_meta(members, key)
-                if meta.get("split") != cfg["split"] or str(meta.get("label", "")) not in index:
-                    continue
-                _, raw = audio.audio_member(members, key)
-                wave, _, _ = audio.decode_audio(raw, cfg["sample_rate"], name=key)
-            except audio.BadSample:
-                continue
-            wave = audio.pad_center(wave, n)
-            start = int(rng.integers(0, wave.shape[0] - n + 1))
-            yield {"wave": audio.l2_normalize(wave[start : start + n]),
-                   "label": np.int64(index[str(meta["label"])])}
+    wanted = lambda meta: meta.get("split") == cfg["split"] and str(meta.get("label", "")) in index  # noqa: E731
+    tally = pipeline.ShardTally(os.path.basename(url))
+    for _, meta, wave in pipeline.decoded_clips(url, cfg["sample_rate"], tally, endpoint_url=cfg["endpoint_url"],
+                                                region=cfg["region"], keep=wanted):
+        wave = audio.pad_center(wave, n)
+        start = int(rng.integers(0, wave.shape[0] - n + 1))
+        yield {"wave": audio.l2_normalize(wave[start : start + n]),
+               "label": np.int64(index[str(meta["label"])])}
 
 
 def read_train_crops(urls: list[str], cfg: dict[str, Any], decode_num_cpus: float) -> ray.data.Dataset:
     """The lazy train dataset; Ray Train re-executes it every epoch (new shard order, new crops)."""
     return (ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
-            .random_shuffle()
+            .randomize_block_order()  # one shard per block: a fresh shard order each epoch
             .flat_map(decode_and_crop_labelled, fn_kwargs={"cfg": {**cfg, "split": "train"}},
                       num_cpus=decode_num_cpus))
 

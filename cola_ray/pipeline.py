@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
@@ -71,6 +71,54 @@ def check_budget(snapshot: dict[str, Any], cfg: DataConfig) -> None:
     )
 
 
+@dataclasses.dataclass
+class ShardTally:
+    """Good and bad samples of one read of one shard, sent to a :class:`SampleCounter`."""
+
+    shard: str
+    good: int = 0
+    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    error: str = ""
+
+    def report(self, counter: Any | None) -> None:
+        if counter is not None:
+            counter.add.remote(self.shard, self.good, dict(self.bad), self.error)
+
+
+def decoded_clips(
+    url: str, sample_rate: int, tally: ShardTally, *, endpoint_url: str = "", region: str = "",
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+) -> Iterator[tuple[str, dict[str, Any], np.ndarray]]:
+    """Every usable clip of one shard: ``(key, json metadata, mono float32 wave (T,))``.
+
+    The one place shards become audio, for pre-training and downstream alike. Samples
+    that cannot be used are skipped and counted in ``tally.bad`` by reason; a shard that
+    cannot be read at all is counted once (``bad_shard``) and named in ``tally.error``.
+    ``keep(meta)`` filters samples before their audio is decoded. Callers count
+    ``tally.good`` themselves, once a clip has really been used.
+    """
+    try:
+        with storage.open_input(url, endpoint_url=endpoint_url, region=region) as stream:
+            for item in shards.iter_samples(stream, tally.shard):
+                if isinstance(item, audio.BadSample):
+                    tally.bad[item.reason] += 1
+                    continue
+                key, members = item
+                try:
+                    meta = shards.sample_meta(members, key)  # a malformed json makes the sample bad
+                    if keep is not None and not keep(meta):
+                        continue
+                    _, raw = audio.audio_member(members, key)
+                    wave, _, _ = audio.decode_audio(raw, sample_rate, name=key)
+                except audio.BadSample as e:
+                    tally.bad[e.reason] += 1
+                    continue
+                yield key, meta, wave
+    except shards.ShardError as e:
+        tally.bad["bad_shard"] += 1
+        tally.error = str(e)
+
+
 def decode_and_crop(
     row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -79,48 +127,27 @@ def decode_and_crop(
     Runs in a Ray Data task. Samples that cannot be used are skipped and counted by
     reason; a shard that cannot be read at all is counted once and named.
     """
-    data = DataConfig(**{k: v for k, v in cfg.items()})
-    url = row["shard"]
-    name = os.path.basename(url)
+    data = DataConfig(**cfg)
+    tally = ShardTally(os.path.basename(row["shard"]))
     # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
     rng = np.random.default_rng()
-    good, bad = 0, collections.Counter()
-    shard_error = ""
     try:
-        with storage.open_input(url, endpoint_url=data.s3_endpoint_url, region=data.s3_region) as stream:
-            for item in shards.iter_samples(stream, name):
-                if isinstance(item, audio.BadSample):
-                    bad[item.reason] += 1
-                    continue
-                key, members = item
-                try:
-                    wave = _decode_members(key, members, data)
-                    for _ in range(data.pairs_per_clip):
-                        anchor, positive = audio.crop_pair(
-                            wave,
-                            data.segment_samples,
-                            rng,
-                            l2_normalize=data.clip_l2_normalize,
-                            noise_std=data.positive_noise_std,
-                            short=data.short_clips,
-                        )
-                        yield {"anchor": anchor, "positive": positive}
-                    good += 1
-                except audio.BadSample as e:
-                    bad[e.reason] += 1
-    except shards.ShardError as e:
-        bad["bad_shard"] += 1
-        shard_error = str(e)
+        for key, _, wave in decoded_clips(row["shard"], data.sample_rate, tally,
+                                          endpoint_url=data.s3_endpoint_url, region=data.s3_region):
+            try:
+                pairs = [
+                    audio.crop_pair(wave, data.segment_samples, rng, l2_normalize=data.clip_l2_normalize,
+                                    noise_std=data.positive_noise_std, short=data.short_clips, name=key)
+                    for _ in range(data.pairs_per_clip)
+                ]
+            except audio.BadSample as e:
+                tally.bad[e.reason] += 1
+                continue
+            for anchor, positive in pairs:
+                yield {"anchor": anchor, "positive": positive}
+            tally.good += 1
     finally:
-        if counter is not None:
-            counter.add.remote(name, good, dict(bad), shard_error)
-
-
-def _decode_members(key: str, members: dict[str, bytes], data: DataConfig) -> np.ndarray:
-    shards.sample_meta(members, key)  # a malformed json member makes the sample bad
-    _, raw = audio.audio_member(members, key)
-    wave, _, _ = audio.decode_audio(raw, data.sample_rate, name=key)
-    return wave
+        tally.report(counter)
 
 
 def list_shards(data: DataConfig) -> list[str]:
