@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -81,8 +82,14 @@ class ShardTally:
     error: str = ""
 
     def report(self, counter: Any | None) -> None:
-        if counter is not None:
-            counter.add.remote(self.shard, self.good, dict(self.bad), self.error)
+        """Add this read's tallies to the run's counter before the task ends (so a reader of
+        the counter never sees a finished shard uncounted); a lost counter only loses counts."""
+        if counter is None:
+            return
+        try:
+            ray.get(counter.add.remote(self.shard, self.good, dict(self.bad), self.error), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            logging.getLogger(__name__).warning("could not count shard %s: %s", self.shard, e)
 
 
 def decoded_clips(
