@@ -14,13 +14,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray import shards, synthetic
-from cola_ray.checkpoint import TrainState, save_checkpoint
-from cola_ray.config import Config, ModelConfig
+from cola_ray import shards
 from cola_ray.embed import split_segments
 from cola_ray.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
                                train_labels)
 from cola_ray.report import report
+from factories import hand_made_checkpoint, labelled_task
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-finetune"
@@ -30,24 +29,12 @@ DATA = {"classes": CLASSES, "sample_rate": 16000, "segment_samples": 15600, "rem
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    labels = synthetic.make_corpus(root / "clips", n_clips=32, seconds=1.5, n_classes=3, seed=0)
-    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=8, progress=False)
-    classes = [{"index": i, "label": c} for i, c in enumerate(CLASSES)]
-    (root / "shards" / "task.json").write_text(json.dumps({"task": "toy-ft", "classes": classes}))
-    return root
+    return labelled_task(tmp_path_factory.mktemp("task"), CLASSES, n_clips=32, name="toy-ft", max_samples=8)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A pre-training checkpoint made by hand (test_efficientnet, no stochastic depth)."""
-    from cola_ray.model import ColaModel
-
-    cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
-    torch.manual_seed(1)
-    model = ColaModel(cfg.features, cfg.model)
-    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000007", model, None,
-                               TrainState(step=7, config=cfg.to_dict())))
+    return hand_made_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ encoder and shared by every test here through the embeddings cache.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
@@ -16,16 +15,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray import shards, synthetic
 from cola_ray.audio import decode_audio
-from cola_ray.checkpoint import TrainState, save_checkpoint
-from cola_ray.config import Config, ConfigError, ModelConfig
+from cola_ray.config import ConfigError
 from cola_ray.embed import load_embeddings, read_meta, split_segments
 from cola_ray.encoders import resolve_encoder
-from cola_ray.model import ColaModel
 from cola_ray.probe import cached_embeddings, probe
 from cola_ray.report import report
 from cola_ray.sweep import load_sweep_config, sweep
+from factories import hand_made_checkpoint, labelled_task
 
 CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-downstream"
@@ -34,22 +31,12 @@ SWEEP_YAML = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "swee
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    labels = synthetic.make_corpus(root / "clips", n_clips=40, seconds=1.5, seed=0)
-    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=10, progress=False)
-    classes = [{"index": i, "label": c} for i, c in enumerate(CLASSES)]
-    (root / "shards" / "task.json").write_text(json.dumps({"task": "toy-sounds", "classes": classes}))
-    return root
+    return labelled_task(tmp_path_factory.mktemp("task"), CLASSES, n_clips=40, name="toy-sounds", max_samples=10)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint made by hand, as pre-training writes them."""
-    cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
-    torch.manual_seed(1)
-    model = ColaModel(cfg.features, cfg.model)
-    return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000007", model, None,
-                               TrainState(step=7, config=cfg.to_dict())))
+    return hand_made_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
