@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from services import free_port, stop_process_group, wait_http  # noqa: F401  (used by test modules too)
+from services import start_mlflow_server, stop_process_group
 
 pytest_plugins = ["fixtures_s3"]
 
@@ -41,17 +40,8 @@ def ray_local(moto_s3):
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1; yields its URI."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc, uri = start_mlflow_server(root, str(root / "artifacts"))
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc)
-        yield f"http://127.0.0.1:{port}"
+        yield uri
     finally:
         stop_process_group(proc)
-        log.close()

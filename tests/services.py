@@ -6,9 +6,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -51,3 +53,25 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None = None,
+                        timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on 127.0.0.1: sqlite store and log in ``root``, served artifacts
+    at ``artifacts`` (a folder or s3://). Returns ``(process, uri)`` once it answers; stop it
+    with :func:`stop_process_group`."""
+    port = free_port()
+    with open(root / "server.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", artifacts, "--serve-artifacts", "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=timeout, proc=proc)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, uri

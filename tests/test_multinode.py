@@ -51,7 +51,7 @@ KILL_AFTER_CHECKPOINT = 10
 def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from services import free_port, stop_process_group, wait_http
+    from services import start_mlflow_server, stop_process_group
 
     from cola_ray import shards, synthetic, storage
 
@@ -60,22 +60,13 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
                         progress=False)
 
     # An MLflow server whose artifacts live in the same S3.
-    port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": moto_s3}
-    log = open(tmp_path / "mlflow.log", "wb")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", f"{s3_bucket}/mlflow", "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = start_mlflow_server(tmp_path, f"{s3_bucket}/mlflow",
+                                      env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
     out = tmp_path / "result.json"
     args = {"shards": f"{s3_bucket}/shards", "storage": f"{s3_bucket}/runs", "tracking_uri": uri,
             "out": str(out), "bucket": s3_bucket[len("s3://"):]}
     ray_tmp = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")
     try:
-        wait_http(f"{uri}/health", timeout=90, proc=server)
         t0 = time.monotonic()
         # Its own Ray temp root: the Cluster writes a "current cluster" file there, not in
         # /tmp/ray, where other Rays on this machine would find it and follow it.
@@ -130,7 +121,6 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
         assert any("/encoder/" in k or "/models/" in k for k in keys), keys[:40]
     finally:
         stop_process_group(server)
-        log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -76,7 +76,7 @@ def test_params_of_a_run_mask_credentials_in_config_urls(tmp_path):
 def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from services import free_port, stop_process_group, wait_http
+    from services import start_mlflow_server, stop_process_group
 
     from cola_ray import shards, synthetic
 
@@ -91,19 +91,12 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
 
     server_root = tmp_path / "mlflow-server"
     server_root.mkdir()
-    port = free_port()
-    log = open(server_root / "server.log", "wb")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{server_root / 'mlflow.db'}",
-         "--artifacts-destination", str(server_root / "artifacts"), "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    server, server_uri = start_mlflow_server(server_root, str(server_root / "artifacts"))
+    host = server_uri[len("http://"):]
     # Short: Ray's socket paths must stay under the OS limit.
     ray_tmp = Path(tempfile.mkdtemp(prefix="crsec-", dir="/tmp"))
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=server)
-        secret_uri = f"http://bob:{canaries['uri-password']}@127.0.0.1:{port}"
+        secret_uri = f"http://bob:{canaries['uri-password']}@{host}"
         overrides = [
             f"data.shards={s3_bucket}/shards", "data.shuffle_buffer=16", "data.decode_num_cpus=0.5",
             "model.encoder=test_efficientnet", "model.drop_path_rate=0.0", "model.proj_dim=16",
@@ -134,9 +127,9 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
 
         places: dict[str, bytes] = {"stdout": stdout, "stderr": stderr}
         # MLflow: the run's params, tags, metric keys, experiment; every artifact.
-        client = MlflowClient(f"http://127.0.0.1:{port}")
+        client = MlflowClient(server_uri)
         run = client.get_run(res["run_id"])
-        assert run.data.params["tracking.tracking_uri"] == f"http://bob:***@127.0.0.1:{port}"
+        assert run.data.params["tracking.tracking_uri"] == f"http://bob:***@{host}"
         places["mlflow params"] = json.dumps(run.data.params).encode()
         places["mlflow tags"] = json.dumps(run.data.tags).encode()
         places["mlflow metric keys"] = json.dumps(sorted(run.data.metrics)).encode()
@@ -147,7 +140,7 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
         import mlflow.artifacts
 
         previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")  # models:/ URIs resolve against it
+        mlflow.set_tracking_uri(server_uri)  # models:/ URIs resolve against it
         try:
             model_dir = mlflow.artifacts.download_artifacts(
                 artifact_uri=run.data.tags["cola_ray.encoder_uri"], dst_path=str(tmp_path / "model"))
@@ -156,7 +149,6 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
         places.update(_files(Path(model_dir), "mlflow model"))
         assert any("checkpoints" in k for k in places) and any("MLmodel" in k for k in places)
         # The server's own store (database, artifact folder, log).
-        log.flush()
         places.update(_files(server_root, "mlflow server"))
         # That Ray's temp dir: session logs of every process, and the job table.
         places.update(_files(ray_tmp, "ray temp"))
@@ -173,10 +165,9 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
                  if c.encode() in blob]
         assert not leaks, f"canary found: {leaks}"
         # The search itself works: the (redacted) URI is found where expected.
-        assert f"bob:***@127.0.0.1:{port}".encode() in places["stdout"]
+        assert f"bob:***@{host}".encode() in places["stdout"]
     finally:
         stop_process_group(server)
-        log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
