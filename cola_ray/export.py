@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cola_ray import storage
 from cola_ray.config import Config, ConfigError, DataConfig
 from cola_ray.encoder import WaveformEncoder
 
@@ -82,7 +80,7 @@ def export_encoder(encoder: WaveformEncoder, info: Mapping[str, Any], out_dir: s
         "segment_samples": int(info.get("segment_samples") or DataConfig().segment_samples),
         "features": features_cfg,
         "model": dataclasses.asdict(cfg.model),
-        "weights_sha256": _sha256(out / WEIGHTS_FILE),
+        "weights_sha256": storage.sha256_file(out / WEIGHTS_FILE),
         "provenance": {
             **{k: info.get(k) for k in PROVENANCE_KEYS if info.get(k) not in (None, "")},
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -90,7 +88,7 @@ def export_encoder(encoder: WaveformEncoder, info: Mapping[str, Any], out_dir: s
             "timm_version": timm.__version__,
         },
     }
-    _write_atomic(out / CONFIG_FILE, json.dumps(config, indent=1) + "\n")
+    storage.write_bytes(str(out / CONFIG_FILE), (json.dumps(config, indent=1) + "\n").encode())  # atomic
     return out
 
 
@@ -108,7 +106,7 @@ def load_export(path: str | Path, *, device: str | torch.device = "cpu") -> tupl
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ExportError(f"{weights_path} is missing (named by {config_path})")
-    actual = _sha256(weights_path)
+    actual = storage.sha256_file(weights_path)
     if actual != config["weights_sha256"]:
         raise ExportError(
             f"{weights_path}: sha256 {actual} does not match {config['weights_sha256']} in "
@@ -216,24 +214,3 @@ def _timm_name(encoder: WaveformEncoder, default: str) -> str:
 
 def _as_dict(value: Any) -> dict[str, Any]:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-

@@ -724,7 +724,7 @@ class _ShardWriter:
 
     def close(self, stop_source: int) -> dict[str, Any]:
         self.tar.close()
-        size, digest = self.path.stat().st_size, _sha256_file(self.path)
+        size, digest = self.path.stat().st_size, storage.sha256_file(self.path)
         url = storage.join(self.out, self.name)
         if storage.is_s3(self.out):
             storage.upload_file(self.path, url, self.endpoint_url, self.region)
@@ -793,14 +793,6 @@ def _listing_hash(files: list[str], labels: Mapping[str, Mapping[str, str]]) -> 
     h = hashlib.sha256()
     for rel in files:
         h.update(rel.encode("utf-8") + b"\0" + _dumps(labels.get(rel, {})) + b"\n")
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

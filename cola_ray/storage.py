@@ -342,6 +342,15 @@ class _S3Reader(io.RawIOBase):
 
 # ---- writing -------------------------------------------------------------------------
 
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_bytes(url: str, data: bytes, endpoint_url: str = "", region: str = "") -> None:
     """Write a whole file / object; local writes go to a temp file then ``os.replace``."""
     url = str(url)
