@@ -6,6 +6,7 @@ the pipeline counts against its error budget::
 
     wave, orig_rate, orig_channels = decode_audio(flac_bytes, 16000)   # (T,) float32
     anchor, positive = crop_pair(wave, 15600, rng)                     # (15600,) each
+    [(anchor, positive)] = seek_crop_pairs(flac_bytes, 15600, rng)     # reads only the crops
 
 Pair sampling follows the authors' code (``cola/contrastive.py``): the whole clip is
 L2-normalised, then two independent uniform random crops are cut (they may overlap);
@@ -60,9 +61,7 @@ def decode_audio(data: bytes, target_rate: int, *, name: str = "<bytes>") -> tup
     try:
         frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
     except Exception as e:  # libsndfile reports corrupt data with several exception types
-        # Its messages quote the BytesIO's repr; drop the address so reports are stable.
-        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "data", f"{type(e).__name__}: {e}")
-        raise BadSample("decode_error", name, detail) from None
+        raise BadSample("decode_error", name, _error_detail(e)) from None
     if frames.shape[0] == 0 or frames.shape[1] == 0:
         raise BadSample("empty", name, "no audio frames")
     if not np.isfinite(frames).all():
@@ -159,13 +158,130 @@ def crop_pair(
         if short == "skip":
             raise BadSample("too_short", name, f"{clip.shape[0]} samples < segment of {n}")
         clip = pad_center(clip, n)
-    # Padded clips go through the same draws (offsets are then 0), so the number of values
-    # taken from rng does not depend on the clip's length.
-    high = clip.shape[0] - n + 1
-    a0, p0 = (int(x) for x in rng.integers(0, high, size=2))
+    a0, p0 = crop_offsets(clip.shape[0], n, rng)
     anchor = clip[a0 : a0 + n] * scale
     positive = clip[p0 : p0 + n] * scale
+    return anchor, add_positive_noise(positive, noise_std, rng)
+
+
+def crop_offsets(length: int, n: int, rng: np.random.Generator) -> tuple[int, int]:
+    """The (anchor, positive) start offsets, independent uniform in [0, max(length, n) - n].
+
+    The one place crops are drawn, shared by :func:`crop_pair` (full decode),
+    :func:`seek_crop_pair` and the node-local cache, so the same generator state gives the
+    same crops on every path. Padded clips (``length < n``) go through the same draw
+    (offsets are then 0), so the number of values taken from ``rng`` does not depend on
+    the clip's length.
+    """
+    high = max(length, n) - n + 1
+    a0, p0 = (int(x) for x in rng.integers(0, high, size=2))
+    return a0, p0
+
+
+def add_positive_noise(positive: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) -> (n,) float32 plus N(0, noise_std) drawn from ``rng`` after the offsets (if > 0)."""
     if noise_std > 0:
-        positive += rng.normal(0.0, noise_std, size=n).astype(np.float32)
-    return anchor, positive
+        positive = positive + rng.normal(0.0, noise_std, size=positive.shape[0]).astype(np.float32)
+    return positive
+
+
+# ---- seek decoding ---------------------------------------------------------------------
+
+SEEK_EXACT_SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "PCM_S8", "PCM_U8", "FLOAT", "DOUBLE", "VORBIS")
+"""soundfile subtypes whose seek + read returns exactly the frames a full decode gives
+(checked in tests/test_throughput.py). Opus (libopus pre-skip / 48 kHz internal rate) and
+MP3 (not frame-exact in libsndfile, measured) are not seek-exact: they fall back to a
+full decode."""
+
+
+def seek_crop_pairs(
+    data: bytes,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    k: int = 1,
+    target_rate: int = 16000,
+    l2_normalize: bool = True,
+    noise_std: float = 0.0,
+    short: str = "pad",
+    name: str = "<bytes>",
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (anchor, positive) pairs, each (n,) float32, reading only the crops' frames.
+
+    Reads the header (``soundfile.info``), draws each pair's offsets with
+    :func:`crop_offsets` from ``rng`` exactly as :func:`crop_pair` does on the fully
+    decoded clip, then seeks and reads only those 2 x n frames (down-mixed by the same
+    channel mean). With the same generator state the crops are the same samples as
+    ``crop_pair(decode_audio(data)[0], n, rng, ...)`` gives, with one documented
+    difference, the scale:
+
+    - ``l2_normalize=False``: identical to the full path.
+    - ``l2_normalize=True``: the full path divides by the whole clip's L2 norm, which
+      needs every sample. Seek divides both crops by the norm *estimated* from the frames
+      it read: ``sqrt(T * mean square of the 2 crops)`` (k pairs: all 2k crops), the
+      clip's norm if its energy is stationary. Same crops, a per-clip gain that differs.
+
+    Falls back to a full decode + :func:`crop_pair` (same draws, so the same pairs as the
+    full path) when seeking cannot be exact or gains nothing: a subtype outside
+    :data:`SEEK_EXACT_SUBTYPES` (Opus, MP3), a rate other than ``target_rate`` (resampling
+    a crop is not resampling the clip), or a clip shorter than ``n``. NaN / inf are only
+    detected in the frames read. Raises :class:`BadSample` like :func:`decode_audio`.
+    """
+    import soundfile as sf
+
+    if not data:
+        raise BadSample("empty", name, "zero bytes")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception as e:
+        raise BadSample("decode_error", name, _error_detail(e)) from None
+    if info.frames <= 0 or info.channels <= 0:
+        raise BadSample("empty", name, "no audio frames")
+    if info.subtype not in SEEK_EXACT_SUBTYPES or info.samplerate != target_rate or info.frames < n:
+        wave, _, _ = decode_audio(data, target_rate, name=name)
+        return [crop_pair(wave, n, rng, l2_normalize=l2_normalize, noise_std=noise_std, short=short, name=name)
+                for _ in range(k)]
+    length = int(info.frames)
+    offsets: list[tuple[int, int]] = []
+    crops: list[tuple[np.ndarray, np.ndarray]] = []
+    noises: list[np.ndarray | None] = []
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            for _ in range(k):
+                a0, p0 = crop_offsets(length, n, rng)
+                # Noise is drawn right after its pair's offsets, in crop_pair's order.
+                noises.append(rng.normal(0.0, noise_std, size=n).astype(np.float32) if noise_std > 0 else None)
+                offsets.append((a0, p0))
+                crops.append((_read_mono(f, a0, n), _read_mono(f, p0, n)))
+    except BadSample:
+        raise
+    except Exception as e:
+        raise BadSample("decode_error", name, _error_detail(e)) from None
+    for a, p in crops:
+        if a.shape[0] != n or p.shape[0] != n:
+            raise BadSample("decode_error", name, f"short read at a seek ({a.shape[0]}, {p.shape[0]} of {n})")
+        if not (np.isfinite(a).all() and np.isfinite(p).all()):
+            raise BadSample("non_finite", name, "NaN or inf samples")
+    if l2_normalize:
+        sq = sum(float(a.astype(np.float64) @ a) + float(p.astype(np.float64) @ p) for a, p in crops)
+        scale = np.float32(1.0 / np.sqrt(max(sq * length / (2 * k * n), 1e-9)))
+    else:
+        scale = np.float32(1.0)
+    out = []
+    for (a, p), noise in zip(crops, noises):
+        positive = p * scale
+        out.append((a * scale, positive + noise if noise is not None else positive))
+    return out
+
+
+def _read_mono(f, start: int, n: int) -> np.ndarray:
+    """(n,) float32 frames [start, start + n) of an open SoundFile, channel mean as decode_audio."""
+    f.seek(start)
+    frames = f.read(n, dtype="float32", always_2d=True)  # (n, C)
+    return frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else np.ascontiguousarray(frames[:, 0])
+
+
+def _error_detail(e: Exception) -> str:
+    # libsndfile's messages quote the BytesIO's repr; drop the address so reports are stable.
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "data", f"{type(e).__name__}: {e}")
 

@@ -49,6 +49,16 @@ class DataConfig:
     """Gaussian noise on the positive only; the authors' code uses 0.001."""
     pairs_per_clip: int = 1
     """Independent pairs cut from one decode (1 = the paper)."""
+    decode: str = "full"
+    """``full``: decode the whole clip, then crop (exact paper semantics). ``seek``: read only
+    the crops' frames (WAV / FLAC / Vorbis at ``sample_rate``; other clips fall back to full);
+    same crops for the same seed, but with ``clip_l2_normalize`` the clip norm is estimated
+    from the frames read (see ``audio.seek_crop_pairs``)."""
+    cache_dir: str = ""
+    """Node-local folder for decoded int16 PCM of each shard, reused on later epochs; empty = off.
+    When set it takes precedence over ``decode`` (a miss decodes fully to fill the cache)."""
+    cache_max_bytes: int = 50 << 30
+    """Bound on ``cache_dir`` per node; least-recently-used shards are evicted beyond it."""
     shuffle_buffer: int = 1000
     """Clips held in each training worker's local shuffle buffer (authors' code: 1000)."""
     shuffle_shards: bool = True
@@ -104,6 +114,9 @@ class ModelConfig:
     bilinear_init_std: float = 0.05
     gather_negatives: bool = True
     """Positives of every worker are negatives for every anchor (all-gather with grad)."""
+    mask_same_clip: bool = True
+    """Crops of an anchor's own clip are not its negatives (they meet in a batch only with
+    ``data.pairs_per_clip > 1``; at 1, the paper's setting, nothing is masked)."""
     sync_batchnorm: bool = False
     """Batch-norm statistics over all workers (GPU only); default per worker like the paper."""
     channels_last: bool = True
@@ -134,6 +147,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 3
     """Times Ray Train restarts the worker group from the last checkpoint."""
+    step_timeout_s: float = 600.0
+    """Watchdog: a rank that waits longer than this for its next batch fails the step, naming
+    itself (a collective waits twice this); 0 = off (Ray's 30-minute barrier)."""
 
 
 @dataclass
@@ -149,6 +165,13 @@ class TrackingConfig:
     """Log the final encoder as an MLflow PyTorch model."""
     registered_model_name: str = ""
     """If set, register the final encoder in the Model Registry under this name."""
+    spool_dir: str = ""
+    """Rank 0's local spool of MLflow records (delivered in the background, kept while the
+    server is down). Empty: ``<storage_path>/<name>/mlflow_spool``, or ``~/.cache/cola-ray/
+    mlflow-spool/<name>`` when storage is S3. Use a shared folder on multi-node clusters."""
+    flush_timeout_s: float = 60.0
+    """At the end of training, how long rank 0 waits for MLflow to take the spooled records;
+    what is left stays in the spool for ``cola-ray replay-metrics``."""
 
 
 @dataclass
@@ -220,6 +243,10 @@ class Config:
             raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
         if d.pairs_per_clip < 1:
             raise ConfigError(f"data.pairs_per_clip must be >= 1, got {d.pairs_per_clip}")
+        if d.decode not in ("full", "seek"):
+            raise ConfigError(f"data.decode must be 'full' or 'seek', got {d.decode!r}")
+        if d.cache_dir and d.cache_max_bytes <= 0:
+            raise ConfigError(f"data.cache_max_bytes must be > 0 with a cache_dir, got {d.cache_max_bytes}")
         if not 0.0 <= d.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.sample_rate != f.sample_rate:
@@ -231,6 +258,8 @@ class Config:
                 f"data.segment_samples={d.segment_samples} is shorter than one window "
                 f"(features.win_length={f.win_length})"
             )
+        if t.step_timeout_s < 0:
+            raise ConfigError(f"train.step_timeout_s must be >= 0 (0 = off), got {t.step_timeout_s}")
         if t.checkpoint_every_steps < 1 or t.log_every_steps < 1:
             raise ConfigError("train.checkpoint_every_steps and train.log_every_steps must be >= 1")
         return self
@@ -245,6 +274,15 @@ def n_frames(features: FeatureConfig, n_samples: int) -> int:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file (or the defaults) and apply ``section.key=value`` overrides."""
+    return Config.from_dict(read_settings(path, overrides)).validate()
+
+
+def read_settings(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file's mapping (``${VAR:-default}`` expanded), then ``a.b.key=value`` overrides.
+
+    Values of overrides are read as YAML (``epochs=5`` is an int, ``lr_range=[1e-4, 1e-2]``
+    a list); dots descend into sections. No key is checked here: the caller knows them.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -259,8 +297,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         data = _expand_env(loaded, "")
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (or section.key=value)")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -268,7 +306,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return Config.from_dict(data).validate()
+    return data
 
 
 def expand_env(tree: Any) -> Any:

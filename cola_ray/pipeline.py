@@ -4,7 +4,7 @@ Data workers only read, decode and crop. They never compute features: log-mel ru
 on the training device (on GPU nodes, CPU log-mel would cost ~8 cores per GPU).
 
     shard urls --(random order each epoch)--> decode_and_crop (Ray tasks, one per shard)
-        --> rows {"anchor": float32 (S,), "positive": float32 (S,)}
+        --> rows {"anchor": float32 (S,), "positive": float32 (S,), "clip_id": int (24-bit)}
         --> streaming_split across Ray Train workers --> iter_torch_batches
 
 Every resource a data task asks for is set here. Bad samples are skipped and counted
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import Any, Callable, Iterator
@@ -36,13 +37,16 @@ class SampleCounter:
         self.bad: collections.Counter[str] = collections.Counter()
         self.bad_by_shard: collections.Counter[str] = collections.Counter()
         self.bad_shards: dict[str, str] = {}
+        self.refused: collections.Counter[str] = collections.Counter()
 
-    def add(self, shard: str, good: int, bad: dict[str, int], shard_error: str = "") -> None:
+    def add(self, shard: str, good: int, bad: dict[str, int], shard_error: str = "",
+            refused: dict[str, int] | None = None) -> None:
         self.good += good
         self.bad.update(bad)
         self.bad_by_shard[shard] += sum(bad.values())
         if shard_error:
             self.bad_shards[shard] = shard_error
+        self.refused.update(refused or {})
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -50,6 +54,7 @@ class SampleCounter:
             "bad": dict(self.bad),
             "worst_shards": self.bad_by_shard.most_common(5),
             "bad_shards": dict(self.bad_shards),
+            "refused": dict(self.refused),
         }
 
 
@@ -80,6 +85,8 @@ class ShardTally:
     good: int = 0
     bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     error: str = ""
+    # Members skipped unread although the sample was used: pickle-format ones are worth a look.
+    refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def report(self, counter: Any | None) -> None:
         """Add this read's tallies to the run's counter before the task ends (so a reader of
@@ -87,9 +94,48 @@ class ShardTally:
         if counter is None:
             return
         try:
-            ray.get(counter.add.remote(self.shard, self.good, dict(self.bad), self.error), timeout=30)
+            ray.get(counter.add.remote(self.shard, self.good, dict(self.bad), self.error, dict(self.refused)),
+                    timeout=30)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             logging.getLogger(__name__).warning("could not count shard %s: %s", self.shard, e)
+
+
+def shard_samples(
+    url: str, tally: ShardTally, *, endpoint_url: str = "", region: str = "",
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of one shard as ``(key, members)``, checked against its manifest.
+
+    A shard listed in the ``manifest.json`` beside it is checked while it streams (size up
+    front, then bytes, sample count and sha256; see ``shards.iter_samples``); shards made
+    elsewhere, without a manifest, get the tar-level checks only. A shard that fails is
+    *quarantined*: reading stops, it is counted once (``tally.bad["bad_shard"]``), named in
+    ``tally.error`` (the run's counter keeps it under ``bad_shards``) and in a warning in the
+    task's log. Samples it yielded before the failure were whole: a truncated shard whose
+    size is known (local files, S3) yields none, one cut mid-stream yields only samples read
+    in full, the sample being read when the bytes ran out is never yielded. An altered shard
+    of the right size is only caught at its end, after the samples before the alteration.
+    The next read of the shard (next epoch) checks it again. Hostile keys are counted by
+    reason; members outside the allowlist are skipped unread, pickle-format ones counted in
+    ``tally.refused``. S3 403/404 errors are not quarantined: they propagate, naming the object.
+    """
+    refused: collections.Counter[str] = collections.Counter()
+    try:
+        expected = shards.manifest_entry(url, endpoint_url, region)
+        with storage.open_input(url, endpoint_url=endpoint_url, region=region) as stream:
+            for item in shards.iter_samples(stream, tally.shard, expected=expected, ignored=refused):
+                if isinstance(item, audio.BadSample):
+                    tally.bad[item.reason] += 1
+                    continue
+                yield item
+    except shards.ShardError as e:
+        tally.bad["bad_shard"] += 1
+        tally.error = str(e)
+        logging.getLogger(__name__).warning("quarantined shard %s: %s", url, e.detail)
+    finally:
+        if refused["pickle_member"]:
+            tally.refused["pickle_member"] += refused["pickle_member"]
+            logging.getLogger(__name__).warning(
+                "shard %s: %d pickle-format members refused (never read)", url, refused["pickle_member"])
 
 
 def decoded_clips(
@@ -98,63 +144,171 @@ def decoded_clips(
 ) -> Iterator[tuple[str, dict[str, Any], np.ndarray]]:
     """Every usable clip of one shard: ``(key, json metadata, mono float32 wave (T,))``.
 
-    The one place shards become audio, for pre-training and downstream alike. Samples
-    that cannot be used are skipped and counted in ``tally.bad`` by reason; a shard that
-    cannot be read at all is counted once (``bad_shard``) and named in ``tally.error``.
+    The one place shards become audio, for pre-training and downstream alike. Shards are
+    read through :func:`shard_samples` (checked against their manifest; a bad shard is
+    quarantined: counted once as ``bad_shard`` and named in ``tally.error``). Samples
+    that cannot be used are skipped and counted in ``tally.bad`` by reason.
     ``keep(meta)`` filters samples before their audio is decoded. Callers count
     ``tally.good`` themselves, once a clip has really been used.
     """
-    try:
-        with storage.open_input(url, endpoint_url=endpoint_url, region=region) as stream:
-            for item in shards.iter_samples(stream, tally.shard):
-                if isinstance(item, audio.BadSample):
-                    tally.bad[item.reason] += 1
-                    continue
-                key, members = item
-                try:
-                    meta = shards.sample_meta(members, key)  # a malformed json makes the sample bad
-                    if keep is not None and not keep(meta):
-                        continue
-                    _, raw = audio.audio_member(members, key)
-                    wave, _, _ = audio.decode_audio(raw, sample_rate, name=key)
-                except audio.BadSample as e:
-                    tally.bad[e.reason] += 1
-                    continue
-                yield key, meta, wave
-    except shards.ShardError as e:
-        tally.bad["bad_shard"] += 1
-        tally.error = str(e)
+    for key, members in shard_samples(url, tally, endpoint_url=endpoint_url, region=region):
+        try:
+            meta = shards.sample_meta(members, key)  # a malformed json makes the sample bad
+            if keep is not None and not keep(meta):
+                continue
+            _, raw = audio.audio_member(members, key)
+            wave, _, _ = audio.decode_audio(raw, sample_rate, name=key)
+        except audio.BadSample as e:
+            tally.bad[e.reason] += 1
+            continue
+        yield key, meta, wave
+
+
+def raw_clips(
+    url: str, tally: ShardTally, *, endpoint_url: str = "", region: str = "",
+) -> Iterator[tuple[str, dict[str, Any], bytes]]:
+    """Every sample of one shard with an audio member: ``(key, json metadata, audio bytes)``.
+
+    :func:`decoded_clips` without the decode, for paths that decode only part of a clip
+    (``data.decode="seek"``): the same :func:`shard_samples` reading and checks, bad
+    samples counted the same way; decode errors are the caller's to count.
+    """
+    for key, members in shard_samples(url, tally, endpoint_url=endpoint_url, region=region):
+        try:
+            meta = shards.sample_meta(members, key)
+            _, raw = audio.audio_member(members, key)
+        except audio.BadSample as e:
+            tally.bad[e.reason] += 1
+            continue
+        yield key, meta, raw
+
+
+CLIP_ID_BITS = 24
+"""Clip ids are 24-bit so they survive ``iter_torch_batches(dtypes=torch.float32)`` exactly."""
+
+
+def clip_id(shard: str, key: str) -> int:
+    """A 24-bit hash of (shard file name, sample key): which clip a pair came from.
+
+    24 bits because training batches are float32 (exact integers up to 2^24). Two clips
+    share an id with probability 2^-24, so :func:`collision_rate` has a floor of about
+    (B - 1) / 2^24 per pair (6e-5 at B = 1024) from ids alone.
+    """
+    digest = hashlib.blake2b(f"{os.path.basename(shard)}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << CLIP_ID_BITS) - 1)
+
+
+def collision_rate(clip_ids: Any) -> float:
+    """Fraction of the pairs in one batch whose clip gives at least one other pair of the batch.
+
+    ``clip_ids``: (B,) ids (numpy, torch or a list). ``[1, 1, 2, 3]`` -> 0.5 (both pairs of
+    clip 1 collide), ``[1, 2, 3, 4]`` -> 0.0, ``[7, 7, 7, 7]`` -> 1.0. A colliding pair's
+    twin is one of its negatives although it comes from the same clip (a false negative),
+    which ``pairs_per_clip > 1`` makes possible; the training loop logs the mean over a
+    logging window as ``data/collision_rate``. 0.0 for an empty batch.
+    """
+    ids = np.asarray(clip_ids.cpu() if hasattr(clip_ids, "cpu") else clip_ids).reshape(-1)
+    if ids.size == 0:
+        return 0.0
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    return float((counts[inverse] > 1).mean())
 
 
 def decode_and_crop(
     row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None
-) -> Iterator[dict[str, np.ndarray]]:
-    """One shard -> ``pairs_per_clip`` pairs per good clip, each ``(segment_samples,)`` float32.
+) -> Iterator[dict[str, Any]]:
+    """One shard -> ``pairs_per_clip`` pairs per good clip: rows ``{"anchor": (S,) float32,
+    "positive": (S,) float32, "clip_id": int}`` (:func:`clip_id`).
 
-    Runs in a Ray Data task. Samples that cannot be used are skipped and counted by
-    reason; a shard that cannot be read at all is counted once and named.
+    Runs in a Ray Data task. Three paths, chosen by ``data``:
+
+    - ``decode="full"`` (default): decode the whole clip, :func:`audio.crop_pair` k times;
+    - ``decode="seek"``: read only the crops (:func:`audio.seek_crop_pairs`);
+    - ``cache_dir`` set: crops from this node's int16 PCM copy of the shard
+      (:mod:`cola_ray.cache`); on a miss the shard is decoded fully, cached, and cropped
+      from the quantised clips (so a miss and a hit give the same pairs for the same rng).
+
+    Samples that cannot be used are skipped and counted by reason (a cache hit reports
+    the counts recorded when the entry was written); a shard that cannot be read at all
+    is counted once and named. ``row["seed"]``, if given, seeds the crops (tests,
+    benchmarks); otherwise every read draws fresh crops.
     """
     data = DataConfig(**cfg)
     tally = ShardTally(os.path.basename(row["shard"]))
     # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(row.get("seed"))
     try:
-        for key, _, wave in decoded_clips(row["shard"], data.sample_rate, tally,
-                                          endpoint_url=data.s3_endpoint_url, region=data.s3_region):
-            try:
-                pairs = [
-                    audio.crop_pair(wave, data.segment_samples, rng, l2_normalize=data.clip_l2_normalize,
-                                    noise_std=data.positive_noise_std, short=data.short_clips, name=key)
-                    for _ in range(data.pairs_per_clip)
-                ]
-            except audio.BadSample as e:
-                tally.bad[e.reason] += 1
-                continue
+        for key, pairs in _pairs(row, data, tally, rng):
+            cid = clip_id(row["shard"], key)
             for anchor, positive in pairs:
-                yield {"anchor": anchor, "positive": positive}
+                yield {"anchor": anchor, "positive": positive, "clip_id": cid}
             tally.good += 1
     finally:
         tally.report(counter)
+
+
+def _pairs(
+    row: dict[str, Any], data: DataConfig, tally: ShardTally, rng: np.random.Generator
+) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]:
+    """``(key, k pairs)`` for every good clip of the shard in ``row``, by the configured path."""
+    url, k, n = row["shard"], data.pairs_per_clip, data.segment_samples
+    crop = dict(l2_normalize=data.clip_l2_normalize, noise_std=data.positive_noise_std, short=data.short_clips)
+    where = dict(endpoint_url=data.s3_endpoint_url, region=data.s3_region)
+    if data.cache_dir:
+        from cola_ray.cache import ShardCache
+
+        cache = ShardCache(data.cache_dir, data.cache_max_bytes)
+        name = cache.entry_name(url, _shard_version(row, data))
+        hit = cache.open(name)
+        if hit is not None:
+            tally.bad.update(hit.bad)
+            for i, key in enumerate(hit.keys):
+                try:
+                    yield key, hit.crop_pairs(i, n, rng, k=k, **crop)
+                except audio.BadSample as e:
+                    tally.bad[e.reason] += 1
+            return
+        crop_bad: collections.Counter[str] = collections.Counter()  # re-counted on every hit
+        with cache.writer(name) as writer:
+            for key, _, wave in decoded_clips(url, data.sample_rate, tally, **where):
+                clip = writer.add(key, wave)
+                try:
+                    pairs = [audio.crop_pair(clip, n, rng, **crop, name=key) for _ in range(k)]
+                except audio.BadSample as e:
+                    tally.bad[e.reason] += 1
+                    crop_bad[e.reason] += 1
+                    continue
+                yield key, pairs
+            if not tally.error:  # a shard that broke mid-read (maybe a transient S3 error) is not kept
+                writer.commit(dict(tally.bad - crop_bad))
+        return
+    if data.decode == "seek":
+        for key, _, raw in raw_clips(url, tally, **where):
+            try:
+                pairs = audio.seek_crop_pairs(raw, n, rng, k=k, target_rate=data.sample_rate, **crop, name=key)
+            except audio.BadSample as e:
+                tally.bad[e.reason] += 1
+                continue
+            yield key, pairs
+        return
+    for key, _, wave in decoded_clips(url, data.sample_rate, tally, **where):
+        try:
+            pairs = [audio.crop_pair(wave, n, rng, **crop, name=key) for _ in range(k)]
+        except audio.BadSample as e:
+            tally.bad[e.reason] += 1
+            continue
+        yield key, pairs
+
+
+def _shard_version(row: dict[str, Any], data: DataConfig) -> str:
+    """What identifies the shard's content for the cache: the manifest's sha256 + size when
+    :func:`read_pairs` found them, else the file's size (+ mtime for a local file)."""
+    if row.get("sha256"):
+        return f"sha256={row['sha256']} bytes={row.get('bytes')}"
+    url = row["shard"]
+    size = storage.file_size(url, data.s3_endpoint_url, data.s3_region)
+    mtime = os.stat(url).st_mtime_ns if not storage.is_s3(url) and os.path.exists(url) else ""
+    return f"bytes={size} mtime={mtime}"
 
 
 def list_shards(data: DataConfig) -> list[str]:
@@ -174,7 +328,11 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
     urls = urls if urls is not None else list_shards(data)
     if not urls:
         raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
-    ds = ray.data.from_items([{"shard": u} for u in urls], override_num_blocks=len(urls))
+    versions = _manifest_versions(data) if data.cache_dir else {}
+    rows = [{"shard": u} for u in urls]
+    if data.cache_dir:  # same columns in every row
+        rows = [{**r, **versions.get(os.path.basename(r["shard"]), {"sha256": "", "bytes": 0})} for r in rows]
+    ds = ray.data.from_items(rows, override_num_blocks=len(urls))
     if data.shuffle_shards:
         # One shard per block: a fresh block order each epoch is a fresh shard order,
         # without random_shuffle's all-to-all tasks before the first decode.
@@ -193,3 +351,13 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
 
 def _plain(data: DataConfig) -> dict[str, Any]:
     return dataclasses.asdict(data)
+
+
+def _manifest_versions(data: DataConfig) -> dict[str, dict[str, Any]]:
+    """Shard file name -> ``{"sha256", "bytes"}`` from the manifest at ``data.shards`` ({} if none):
+    the cache keys entries by them, so a rebuilt shard is never served from a stale entry."""
+    try:
+        manifest = shards.read_manifest(data.shards, data.s3_endpoint_url, data.s3_region)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {os.path.basename(s["name"]): {"sha256": s["sha256"], "bytes": s["bytes"]} for s in manifest["shards"]}

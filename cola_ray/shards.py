@@ -12,8 +12,11 @@ Layout of a shard folder (local or ``s3://bucket/prefix``)::
 
 The manifest is what makes a shard trustworthy: a streaming tar reader cannot tell a
 truncated archive from a short one in general, the manifest's size and sha256 can.
-:func:`iter_samples` adds its own end-of-archive check so that reading shards without a
-manifest (made elsewhere) still never yields a sample cut short.
+Every training read checks the shard against it (:func:`manifest_entry` ->
+``iter_samples(..., expected=entry)``: size up front, bytes / samples / sha256 at the end,
+the last sample held back until they match). :func:`iter_samples` adds its own
+end-of-archive check so that reading shards without a manifest (made elsewhere) still
+never yields a sample cut short.
 
 Reading never extracts to disk and never unpickles: members are raw bytes, and only an
 allowlist of suffixes (audio + json) is kept::
@@ -33,6 +36,7 @@ from __future__ import annotations
 import bz2
 import collections
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -59,6 +63,10 @@ SOURCE_EXTENSIONS = frozenset(
     {"wav", "wave", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc", "au", "snd", "caf", "w64", "rf64"}
 )
 """File extensions :func:`build_shards` tries to decode (what libsndfile reads)."""
+
+PICKLE_SUFFIXES = frozenset({"pkl", "pickle", "pyd", "pt", "pth", "ckpt", "joblib"})
+"""Member suffixes that are pickles by convention (webdataset unpickles ``pyd``/``pkl`` and
+``torch.load``s ``pt``/``pth``): never read, counted as ``pickle_member`` when skipped."""
 
 MAX_MEMBER_BYTES = 512 << 20
 _TAR_MTIME = 1577836800  # 2020-01-01: fixed so that a rebuild is byte-identical
@@ -134,6 +142,8 @@ def iter_samples(
     *,
     suffixes: tuple[str, ...] = SAMPLE_SUFFIXES,
     max_member_bytes: int = MAX_MEMBER_BYTES,
+    expected: Mapping[str, Any] | None = None,
+    ignored: collections.Counter | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes]] | BadSample]:
     """Stream ``(key, members)`` from one tar shard, members grouped by key in order.
 
@@ -152,8 +162,27 @@ def iter_samples(
     the end-of-archive marker) has been read, so no sample yielded is cut short.
     Directories, links and devices are ignored; nothing is written to disk; nothing is
     unpickled. Plain, gzip, bz2 and xz tars are read.
+
+    ``expected`` is the shard's manifest entry (``bytes``, ``sha256``, ``samples``; see
+    :func:`manifest_entry`). With it the shard is checked against the manifest: its size
+    before anything is read when the stream knows it (a local file, an S3 object), then,
+    streaming, the bytes read, their sha256 and the number of samples once the archive
+    ends; a mismatch raises :class:`ShardError` before the last sample is yielded. So a
+    truncated shard yields nothing when its size is known up front and only samples
+    read whole otherwise; an altered shard of the right size (bytes flipped, a tail
+    zero-filled) is refused at its end, after the samples before the alteration.
+
+    ``ignored`` (a Counter), if given, counts the members skipped unread by kind:
+    ``pickle_member`` for pickle-format suffixes (:data:`PICKLE_SUFFIXES`), else
+    ``other_member``.
     """
     allowed = {s.lower() for s in suffixes}
+    hashing: _Hashing | None = None
+    if expected is not None:
+        size = storage.stream_size(stream)
+        if size is not None and size != expected["bytes"]:
+            raise ShardError(shard_name, f"{size} bytes, the manifest says {expected['bytes']} (truncated or replaced)")
+        stream = hashing = _Hashing(stream)
     try:
         source = _TarSource(stream)
         tar = tarfile.open(fileobj=source, mode="r|")
@@ -196,7 +225,11 @@ def iter_samples(
             seen.add(member_key)
             key, members, bad = member_key, {}, key_problem(member_key)
         suffix = suffix.lower()
-        if bad is not None or suffix not in allowed:
+        if bad is not None:
+            continue
+        if suffix not in allowed:
+            if ignored is not None:
+                ignored["pickle_member" if suffix.rpartition(".")[2] in PICKLE_SUFFIXES else "other_member"] += 1
             continue
         if suffix in members:
             raise ShardError(shard_name, f"duplicate member {suffix!r} for key {key!r}")
@@ -217,8 +250,27 @@ def iter_samples(
         raise ShardError(shard_name, f"truncated at byte {end} after {n_done} samples (no end-of-archive marker)")
     if marker.count(0) != _BLOCK:
         raise ShardError(shard_name, f"corrupt member header at byte {end} after {n_done} samples")
+    if hashing is not None:
+        assert expected is not None
+        _check_against_manifest(shard_name, hashing, n_done + (key is not None), expected)
     if key is not None:
         yield finished()
+
+
+def _check_against_manifest(shard_name: str, hashing: _Hashing, samples: int, expected: Mapping[str, Any]) -> None:
+    """Raise :class:`ShardError` if a shard read to its end-of-archive marker differs from its
+    manifest entry: bytes (the padding after the marker is read too), samples, sha256."""
+    try:
+        hashing.drain()
+    except (OSError, EOFError) as e:
+        raise ShardError(shard_name, f"unreadable after the end-of-archive marker: {e}") from None
+    if hashing.bytes != expected["bytes"]:
+        raise ShardError(shard_name, f"{hashing.bytes} bytes read, the manifest says {expected['bytes']} (truncated)")
+    if samples != expected["samples"]:
+        raise ShardError(shard_name, f"{samples} samples, the manifest says {expected['samples']}")
+    digest = hashing.sha256.hexdigest()
+    if digest != expected["sha256"]:
+        raise ShardError(shard_name, f"sha256 {digest} differs from the manifest's {expected['sha256']} (altered)")
 
 
 def sample_meta(members: Mapping[str, bytes], sample: str = "<sample>") -> dict[str, Any]:
@@ -382,6 +434,36 @@ def read_manifest(url: str, endpoint_url: str = "", region: str = "") -> dict[st
     ):
         raise ValueError(f"{path}: 'shards' must be a list of {{name, bytes, sha256, samples}}")
     return manifest
+
+
+def manifest_entry(shard_url: str, endpoint_url: str = "", region: str = "") -> dict[str, Any] | None:
+    """The manifest entry (``name``, ``bytes``, ``sha256``, ``samples``) of the shard at
+    ``shard_url``, from the ``manifest.json`` in the same folder; None if that folder has
+    no manifest or it does not list the shard (shards made elsewhere are read unchecked).
+
+    Manifests are parsed once per process and folder, and again when the manifest file
+    changes (one stat / HEAD per call). An invalid manifest raises :class:`ShardError`.
+    """
+    shard_url = str(shard_url)
+    if storage.is_s3(shard_url):
+        folder, _, name = shard_url.rpartition("/")
+    else:
+        path = os.path.abspath(shard_url[len("file://"):] if shard_url.startswith("file://") else shard_url)
+        folder, name = os.path.dirname(path), os.path.basename(path)
+    stamp = storage.file_stamp(storage.join(folder, MANIFEST), endpoint_url, region)
+    if stamp is None:
+        return None
+    try:
+        entries = _manifest_entries(folder, endpoint_url, region, stamp)
+    except (ValueError, FileNotFoundError) as e:
+        raise ShardError(name, f"its manifest cannot be used: {e}") from None
+    return entries.get(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _manifest_entries(folder: str, endpoint_url: str, region: str, stamp: str) -> dict[str, dict[str, Any]]:
+    del stamp  # part of the cache key only: a rewritten manifest is read again
+    return {s["name"]: s for s in read_manifest(folder, endpoint_url, region)["shards"]}
 
 
 def shard_urls(url: str, endpoint_url: str = "", region: str = "") -> list[str]:

@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -255,6 +256,42 @@ def file_size(url: str, endpoint_url: str = "", region: str = "") -> int | None:
         raise err from e
 
 
+def file_stamp(url: str, endpoint_url: str = "", region: str = "") -> str | None:
+    """A string that changes when the file / object changes (local: mtime and size; S3:
+    ETag and size), or None if there is none. For caches of things parsed from a file."""
+    url = str(url)
+    if not is_s3(url):
+        try:
+            st = os.stat(_local(url))
+        except FileNotFoundError:
+            return None
+        return f"{st.st_mtime_ns}:{st.st_size}"
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(url)
+    try:
+        head = _client(endpoint_url, region).head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        err = _s3_error(e, url)
+        if isinstance(err, FileNotFoundError):
+            return None
+        raise err from e
+    return f"{head.get('ETag', '')}:{head['ContentLength']}"
+
+
+def stream_size(stream: IO[bytes]) -> int | None:
+    """The total size of a stream from :func:`open_input` if known without reading it
+    (a local regular file; an S3 object: the Content-Length of its GET), else None."""
+    raw = getattr(stream, "raw", stream)
+    if isinstance(raw, _S3Reader):
+        return raw.size
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def open_input(url: str, endpoint_url: str = "", region: str = "") -> IO[bytes]:
     """A readable binary stream over ``url``; S3 objects are streamed, never read whole.
 
@@ -304,6 +341,11 @@ class _S3Reader(io.RawIOBase):
         if not self._pos:
             self._size = int(resp.get("ContentLength", 0))
         return resp["Body"]
+
+    @property
+    def size(self) -> int:
+        """The object's size in bytes (its Content-Length)."""
+        return self._size
 
     def readable(self) -> bool:
         return True
