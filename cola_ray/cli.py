@@ -9,9 +9,11 @@
     cola-ray embed --encoder REF --data SHARDS --out DIR [--remainder end|drop|pad] [--use-gpu]
     cola-ray probe --encoder REF --task SHARDS [--lr X] [--epochs N] [--baseline B]
     cola-ray finetune --encoder REF --task SHARDS [--from-scratch] [--lr X] [--epochs N] [--num-workers N]
-    cola-ray sweep --encoder REF --task SHARDS [--config FILE] [--num-samples N] [key=value ...]
+    cola-ray sweep --encoder REF --task SHARDS [--mode probe|finetune] [--config FILE] [key=value ...]
+    cola-ray suite --config FILE [key=value ...]
     cola-ray report [--experiment NAME] [--out DIR]
     cola-ray export --encoder REF OUT [--tracking-uri URI] [--overwrite]
+    cola-ray replay-metrics SPOOL [--tracking-uri URI]
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_probe.add_argument("--tracking-uri", default="")
     p_probe.add_argument("--cache-dir", default="", help="embeddings cache (default $COLA_RAY_CACHE or ~/.cache/cola-ray)")
     p_probe.add_argument("--refresh", action="store_true", help="recompute the cached embeddings")
-    p_probe.add_argument("--use-gpu", action="store_true", help="embed on GPU")
+    p_probe.add_argument("--use-gpu", action="store_true", help="embed (probe) or train (finetune) on GPU")
 
     p_ft = sub.add_parser("finetune", help="fine-tune encoder + linear layer end to end (Ray Train); val/test to MLflow")
     p_ft.add_argument("--encoder", required=True, help=encoder_help)
@@ -119,22 +121,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_ft.add_argument("--experiment", default="cola-ray-downstream")
     p_ft.add_argument("--tracking-uri", default="")
 
-    p_sweep = sub.add_parser("sweep", help="Ray Tune sweep of the probe: select on validation, test once")
+    p_sweep = sub.add_parser("sweep", help="Ray Tune sweep of the probe (or of fine-tuning): select on "
+                                           "validation, test once")
     p_sweep.add_argument("--encoder", help=encoder_help + " (or encoder_ref in --config)")
     p_sweep.add_argument("--task", help="task shards (or task in --config)")
     p_sweep.add_argument("--config", help="YAML of sweep settings (see jobs/configs/sweep.yaml)")
+    p_sweep.add_argument("--mode", choices=("probe", "finetune"), default=None,
+                         help="sweep the frozen linear probe (default) or end-to-end fine-tuning")
+    p_sweep.add_argument("--from-scratch", action="store_true", default=None,
+                         help="with --mode finetune: the supervised baseline (random weights)")
     p_sweep.add_argument("--num-samples", type=int, help="trials (default 8)")
     p_sweep.add_argument("--max-concurrent", type=int, help="trials at once (default 2)")
     p_sweep.add_argument("--baseline", choices=baselines, default=None)
     p_sweep.add_argument("--experiment")
     p_sweep.add_argument("--tracking-uri")
-    p_sweep.add_argument("--use-gpu", action="store_true", default=None, help="embed on GPU")
+    p_sweep.add_argument("--use-gpu", action="store_true", default=None, help="embed (probe) or train (finetune) on GPU")
     p_sweep.add_argument("overrides", nargs="*", help="key=value for any other setting, e.g. epoch_choices=[50,100]")
+
+    p_suite = sub.add_parser("suite", help="the whole downstream evaluation: tasks x baselines (sweeps), "
+                                           "then the report table")
+    p_suite.add_argument("--config", help="YAML of suite settings (see jobs/configs/downstream.yaml)")
+    p_suite.add_argument("overrides", nargs="*",
+                         help="key=value or section.key=value, e.g. encoder_ref=runs/a/checkpoint_000100 "
+                              "probe.num_samples=16")
 
     p_report = sub.add_parser("report", help="the paper's table (tasks x baselines) from MLflow runs")
     p_report.add_argument("--experiment", default="cola-ray-downstream")
     p_report.add_argument("--out", default="report", help="folder for report.md, report.csv, report.png")
     p_report.add_argument("--tracking-uri", default="")
+
+    p_replay = sub.add_parser("replay-metrics", help="deliver an MLflow spool a run left while its server was down")
+    p_replay.add_argument("spool", help="the .jsonl file named in the run's warning")
+    p_replay.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./mlflow.db")
 
     args = parser.parse_args(argv)
     from cola_ray.config import ConfigError
@@ -240,14 +258,20 @@ def _run(args: argparse.Namespace) -> int:
               f"test accuracy {result.test_accuracy:.1%}; MLflow run {result.run_id}; weights {result.checkpoint}")
         return 0
     if args.command == "sweep":
-        from cola_ray.sweep import describe, load_sweep_config, sweep
+        from cola_ray.sweep import describe, load_sweep_config, run_sweep
 
         settings = load_sweep_config(args.config, args.overrides, {
-            "encoder_ref": args.encoder, "task": args.task, "num_samples": args.num_samples,
+            "encoder_ref": args.encoder, "task": args.task, "mode": args.mode, "from_scratch": args.from_scratch,
+            "num_samples": args.num_samples,
             "max_concurrent": args.max_concurrent, "baseline": args.baseline, "experiment": args.experiment,
             "tracking_uri": args.tracking_uri, "use_gpu": args.use_gpu,
         })
-        print(describe(sweep(**settings)))
+        print(describe(run_sweep(settings)))
+        return 0
+    if args.command == "suite":
+        from cola_ray.suite import load_suite_config, run_suite
+
+        run_suite(**load_suite_config(args.config, args.overrides))  # a ConfigError is reported by main
         return 0
     if args.command == "report":
         from cola_ray.report import report
@@ -259,6 +283,12 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         print(result.markdown)
         print("written: " + ", ".join(result.files.values()) + f"; MLflow run {result.run_id}")
+        return 0
+    if args.command == "replay-metrics":
+        from cola_ray.tracking import replay_spool
+
+        sent, dropped = replay_spool(args.spool, args.tracking_uri)
+        print(f"delivered {sent} metric points; {dropped} were already in the run")
         return 0
     raise AssertionError(args)
 

@@ -2,13 +2,14 @@
 
 The driver creates the run before training starts, so it can print where the run is
 and so a resumed job (same run name) continues the same MLflow run. Workers never use
-MLflow's fluent global state for metrics: rank 0 holds a :class:`RunLogger` bound to the
-run id. Nothing secret is logged: params are the config, which holds no credentials, and
+MLflow's fluent global state for metrics: rank 0 holds a :class:`SpooledLogger` bound to
+the run id, which never blocks a step (see there). Nothing secret is logged: params are the config, which holds no credentials, and
 any URL in it has the password of its user-info part masked (:func:`redact`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -144,7 +145,8 @@ def run_url(uri: str, run_id: str, experiment: str) -> str:
 
 
 class RunLogger:
-    """Rank 0's handle on the run: metrics by step, artifacts, the final encoder."""
+    """A direct handle on the run: metrics by step, artifacts, the final encoder. Each call
+    waits for the server (bounded retries); training logs through :class:`SpooledLogger`."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -197,3 +199,227 @@ class RunLogger:
         # start_run's context ends the run; the driver sets the final status.
         self.client.update_run(self.run_id, status="RUNNING")
         return info.model_uri
+
+
+# ---- rank 0's logger during training: never blocks a step -------------------------------
+
+SPOOL_SUFFIX = ".jsonl"
+
+
+class SpooledLogger:
+    """Rank 0's metrics, tags and checkpoint copies, delivered by a background thread.
+
+    A step only appends one JSON line to a local spool file (``spool_dir/<run_id>.jsonl``,
+    a write-ahead log) and returns; the thread delivers the records in order and empties
+    the file once everything in it is in MLflow. While the server does not answer, records
+    wait in the spool and the thread retries every ``retry_s`` (probing ``/health`` first,
+    so a dead server costs no client retries), so an outage never blocks a step and a
+    killed process loses nothing already logged: the next rank 0 on this node (a restarted
+    worker group) delivers what the old one left.
+
+    Exactly once: before delivering a metric key for the first time after a start or an
+    outage, the thread reads the highest step the run already has for it and drops
+    records at or below it. That covers a batch the client gave up on after the server had
+    stored it, a spool replayed twice, and the steps a restarted group re-trains after its
+    checkpoint (their first values stay; the metric history keeps one point per step).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, spool_dir: str | os.PathLike, *,
+                 retry_s: float = 2.0, log: Any = None) -> None:
+        import collections
+        import logging
+        import threading
+
+        self.uri, self.run_id = tracking_uri, run_id
+        self.retry_s = retry_s
+        self.log = log or logging.getLogger(__name__)
+        self.client = RunLogger(tracking_uri, run_id)
+        Path(spool_dir).mkdir(parents=True, exist_ok=True)
+        self.spool = Path(spool_dir) / f"{run_id}{SPOOL_SUFFIX}"
+        self.staging = Path(spool_dir) / "staged"
+        self._lock = threading.Condition()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque(read_spool(self.spool))
+        if self._pending:  # left by a previous process (killed, or its server was down)
+            self.log.warning("delivering %d MLflow records left in %s", len(self._pending), self.spool)
+        self._file = open(self.spool, "a", encoding="utf-8")
+        self._stop = self._closed = False
+        self.delivered = self.dropped = self.outages = 0
+        self.outage = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cola-ray-mlflow")
+        self._thread.start()
+
+    # ---- called by the training loop: append and return ------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._append({"run_id": self.run_id, "step": int(step), "timestamp": int(time.time() * 1000),
+                      "metrics": {k: float(v) for k, v in metrics.items()}})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._append({"run_id": self.run_id, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        """Copy ``local_dir`` aside (the caller may delete it) and upload it in the background."""
+        import shutil
+
+        staged = self.staging / artifact_path.replace("/", "__")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(local_dir, staged)
+        self._append({"run_id": self.run_id, "artifacts": str(staged), "artifact_path": artifact_path})
+
+    def close(self, timeout: float) -> int:
+        """Deliver what is left within ``timeout`` seconds; return how many records stay in the
+        spool (0: all in MLflow, spool file removed)."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+        with self._lock:
+            left = len(self._pending)
+            self._closed = True  # the thread, if still trying, stops at its next step
+            self._file.close()
+            if not left:
+                self.spool.unlink(missing_ok=True)
+        self.log.info("MLflow: %d metric points delivered, %d already in the run, %d outage(s), %d left",
+                      self.delivered, self.dropped, self.outages, left)
+        return left
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+            self._pending.append(record)
+            self._lock.notify_all()
+
+    # ---- the delivery thread --------------------------------------------------------
+    def _run(self) -> None:
+        known: dict[str, int] = {}  # metric key -> highest step the run has (read after each start/outage)
+        while True:
+            with self._lock:
+                while not self._pending and not self._stop:
+                    self._lock.wait()
+                if not self._pending or self._closed:
+                    return
+                batch = list(self._pending)[:200]
+            try:
+                if self.outage:
+                    check_server(self.uri, timeout=2.0)
+                sent, dropped = deliver(self.client, batch, known)
+            except Exception as e:  # server down, timeout, 5xx: keep the records, retry
+                if _refused(e):  # the server answered "never": retrying would block every later record
+                    self.log.error("MLflow refused %d record(s), dropping them: %s", len(batch), _short(e))
+                    with self._lock:
+                        for _ in batch:
+                            self._pending.popleft()
+                    continue
+                if not self.outage:
+                    self.outages += 1
+                    self.log.warning("MLflow %s unreachable (%s); metrics wait in %s and are retried every %.0fs",
+                                     redact(self.uri), _short(e), self.spool, self.retry_s)
+                self.outage = True
+                known.clear()  # a timed-out call may have been stored: re-read before sending again
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._lock.wait(self.retry_s)
+                continue
+            if self.outage:
+                self.log.warning("MLflow %s answers again; delivering the spooled records", redact(self.uri))
+            self.outage = False
+            with self._lock:
+                if self._closed:
+                    return
+                for _ in batch:
+                    self._pending.popleft()
+                self.delivered += sent
+                self.dropped += dropped
+                if not self._pending:  # all in MLflow: empty the write-ahead log
+                    self._file.truncate(0)
+                    self._file.seek(0)
+
+
+def read_spool(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a spool file, in order (a line cut short by a crash is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def deliver(client: "RunLogger", records: list[dict[str, Any]], known: dict[str, int]) -> tuple[int, int]:
+    """Send ``records`` in order; metric points at or below the run's highest step for their
+    key are dropped (``known`` caches it per key). Returns ``(metric points sent, dropped)``."""
+    import shutil
+
+    from mlflow.entities import Metric
+
+    sent = dropped = 0
+    batch: list[Metric] = []
+
+    def send() -> None:
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            client.client.log_batch(client.run_id, metrics=batch[i : i + 1000])
+        batch.clear()
+
+    for rec in records:
+        if "metrics" in rec:
+            for key, value in rec["metrics"].items():
+                if key not in known:
+                    history = client.client.get_metric_history(client.run_id, key)
+                    known[key] = max((m.step for m in history), default=-1)
+                if rec["step"] <= known[key]:
+                    dropped += 1
+                    continue
+                batch.append(Metric(key, value, rec["timestamp"], rec["step"]))
+                known[key] = rec["step"]
+                sent += 1
+        elif "tags" in rec:
+            send()
+            client.set_tags(rec["tags"])
+        elif "artifacts" in rec:
+            send()
+            if os.path.isdir(rec["artifacts"]):
+                client.log_artifacts(rec["artifacts"], rec["artifact_path"])
+                shutil.rmtree(rec["artifacts"], ignore_errors=True)
+    send()
+    return sent, dropped
+
+
+def replay_spool(path: str | os.PathLike, tracking_uri: str = "") -> tuple[int, int]:
+    """Deliver a spool file left by a run whose MLflow server was down at its end
+    (``cola-ray replay-metrics``); steps already in the run are not logged again. Returns
+    ``(metric points sent, dropped as already there)``; the file is removed once delivered."""
+    records = read_spool(path)
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_run.setdefault(rec["run_id"], []).append(rec)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_server(uri)
+    sent = dropped = 0
+    for run_id, recs in by_run.items():
+        s, d = deliver(RunLogger(uri, run_id), recs, {})
+        sent, dropped = sent + s, dropped + d
+    Path(path).unlink(missing_ok=True)
+    return sent, dropped
+
+
+def _refused(e: BaseException) -> bool:
+    """400 (bad parameter) or 404 (run deleted): the same request would fail again."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.get_http_status_code() in (400, 404)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return redact(text[:200])

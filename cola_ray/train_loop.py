@@ -10,8 +10,11 @@ split of the streaming pair dataset. World rank 0 logs to MLflow every
 checkpoint. Stopping is by ``epochs`` or ``max_steps``, whichever comes first.
 
 A resumed run restarts the interrupted epoch's pass over the data (Ray Data restarts a
-streaming split from the beginning) but keeps the global step, so no step is repeated
-in the logs beyond those after the last checkpoint.
+streaming split from the beginning) but keeps the global step. Rank 0 logs through a
+local spool drained by a background thread (:class:`cola_ray.tracking.SpooledLogger`): a
+slow or dead MLflow server never blocks a step, and the steps re-trained after a restore
+are not logged twice. A rank that waits longer than ``train.step_timeout_s`` for its
+next batch raises :class:`StallError` naming itself.
 """
 
 from __future__ import annotations
@@ -19,21 +22,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import queue
+import re
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import ray.train
 import ray.train.torch
 import torch
 
-from cola_ray import distributed
-from cola_ray.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from cola_ray import distributed, storage
+from cola_ray.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
+                                 load_checkpoint, read_state, save_checkpoint)
 from cola_ray.config import Config
-from cola_ray.pipeline import check_budget
-from cola_ray.tracking import RunLogger
+from cola_ray.pipeline import check_budget, collision_rate
+from cola_ray.tracking import SpooledLogger, redact
+
+log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class StallError(TimeoutError):
+    """A rank got no batch from its data stream within ``train.step_timeout_s``."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -62,13 +75,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = TrainState(world_size=world, global_batch=cfg.train.batch_size,
                        mlflow_run_id=run["mlflow_run_id"], config=cfg.to_dict())
     checkpoint = ray.train.get_checkpoint()
+    restored = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             restored = load_checkpoint(folder, core, optimizer)
+    ray_step = restored.step if restored else 0
+    if run.get("run_dir"):  # a newer checkpoint Ray had not registered when a worker died
+        restored = _load_newer(run["run_dir"], cfg, core, optimizer, run["mlflow_run_id"], ray_step) or restored
+    if restored is not None:
         _check_resume(restored, cfg, world)
         state.step, state.epoch = restored.step, restored.epoch
+    # Every rank must start from the same step (they read the same folders; check it).
+    steps = torch.tensor([float(state.step), -float(state.step)], device=device)
+    if distributed.all_reduce(steps.clone(), op="max").tolist() != steps.tolist():
+        raise RuntimeError(f"rank {rank} restored step {state.step}, another rank a different one")
 
-    logger = RunLogger(run["tracking_uri"], run["mlflow_run_id"]) if rank == 0 else None
+    # Rank 0 logs through a local spool drained by a thread: MLflow being slow or down never
+    # blocks a step, and steps already in the run (re-trained after a restore) are not re-logged.
+    logger = SpooledLogger(run["tracking_uri"], run["mlflow_run_id"], run["spool_dir"]) if rank == 0 else None
+    if logger is not None and restored is not None:
+        logger.set_tags({"cola_ray.restored_from_step": state.step, "cola_ray.ray_checkpoint_step": ray_step,
+                         "cola_ray.restored_world_size": world,
+                         "cola_ray.restored_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     counter = run.get("counter")
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -79,31 +107,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_checkpoint_step = state.step
     nonfinite_run = 0
     window = _Window()
+    collisions: list[float] = []  # same-clip pair rate of each local batch in the window
+    quarantined: dict[str, str] = {}  # shard -> why, as last tagged on the MLflow run
     done = cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps
 
     while not done and state.epoch < cfg.train.epochs:
         steps_this_epoch = 0
         t_ready = time.perf_counter()
-        for batch in shard.iter_torch_batches(
+        batches = shard.iter_torch_batches(
             batch_size=local_batch,
             drop_last=True,  # every rank must take the same number of steps
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             dtypes=torch.float32,
             device=device,
-        ):
+        )
+        for batch in _watched(batches, cfg.train.step_timeout_s, rank, world, state):
             t_batch = time.perf_counter()
             anchor, positive = batch["anchor"], batch["positive"]  # (B_local, S) each
+            if "clip_id" in batch:
+                collisions.append(collision_rate(batch["clip_id"]))
             with autocast:
-                out = model(anchor, positive)
+                # Clip ids (B_local,): crops of an anchor's own clip are masked from its negatives.
+                out = model(anchor, positive, batch.get("clip_id"))
             loss = out["loss"]
-            # All ranks must agree to skip a non-finite step, or DDP's all-reduce deadlocks.
-            finite = distributed.all_reduce(torch.isfinite(loss.detach()).float(), op="min").item() > 0
-            optimizer.zero_grad(set_to_none=True)
+            finite = optimizer_step(loss, optimizer, core, cfg.train.grad_clip)
             if finite:
-                loss.backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-                optimizer.step()
                 nonfinite_run = 0
             else:
                 nonfinite_run += 1
@@ -121,10 +149,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % cfg.train.log_every_steps == 0:
                 metrics = window.reduce(cfg.train.batch_size)
                 metrics.update(lr=optimizer.param_groups[0]["lr"], epoch=state.epoch)
+                if collisions:  # this rank's local batches (rank 0 logs)
+                    metrics["data/collision_rate"] = sum(collisions) / len(collisions)
+                    collisions.clear()
                 if counter is not None:
                     snap = _snapshot(counter) if rank == 0 else None
                     if rank == 0 and snap is not None:
                         metrics.update(_sample_metrics(snap))
+                        if logger is not None and snap.get("bad_shards", {}) != quarantined:
+                            quarantined = dict(snap["bad_shards"])  # named in the run, not only counted
+                            logger.set_tags({"cola_ray.quarantined_shards": "; ".join(
+                                f"{k}: {v}" for k, v in sorted(quarantined.items()))[:5000]})
                     _fail_together(rank, snap, cfg, device)
                 if logger is not None:
                     logger.log_metrics(metrics, step=state.step)
@@ -150,15 +185,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state.step != last_checkpoint_step:
         _report(state, core, optimizer, logger, cfg, rank)
 
-    if rank == 0 and logger is not None and cfg.tracking.log_model:
+    if logger is None:
+        return
+    left = logger.close(timeout=cfg.tracking.flush_timeout_s)
+    if left:
+        # Training is done and checkpointed; only the tracking copy is behind.
+        log.warning("MLflow %s did not take %d record(s) within %.0fs; they are in %s. Deliver them with: "
+                    "cola-ray replay-metrics %s --tracking-uri <uri>", redact(logger.uri), left,
+                    cfg.tracking.flush_timeout_s, logger.spool, logger.spool)
+        return  # the encoder is in the final checkpoint (cola-ray export) rather than in MLflow
+    if cfg.tracking.log_model:
         # Batch of 2: MLflow exports (torch.export, no pickle) with a dynamic batch dimension.
         example = torch.zeros(2, cfg.data.segment_samples).numpy()
-        uri = logger.log_encoder(core.encoder, example, cfg.tracking.registered_model_name)
-        logger.set_tags({"cola_ray.encoder_uri": uri})
+        uri = logger.client.log_encoder(core.encoder, example, cfg.tracking.registered_model_name)
+        logger.client.set_tags({"cola_ray.encoder_uri": uri})
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, core: torch.nn.Module,
+                   grad_clip: float) -> bool:
+    """Backward and step, unless the loss is non-finite on ANY rank: then every rank skips
+    together (one rank skipping alone would leave its peers in DDP's all-reduce forever).
+    Returns whether the step was taken."""
+    finite = distributed.all_reduce(torch.isfinite(loss.detach()).float(), op="min").item() > 0
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
+        optimizer.step()
+    return finite
 
 
 def _report(state: TrainState, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            logger: RunLogger | None, cfg: Config, rank: int) -> None:
+            logger: SpooledLogger | None, cfg: Config, rank: int) -> None:
     """Checkpoint (rank 0 writes, every rank reports) and copy it to MLflow."""
     metrics = {"step": state.step, "epoch": state.epoch}
     name = f"checkpoint_{state.step:09d}"
@@ -173,8 +232,53 @@ def _report(state: TrainState, core: torch.nn.Module, optimizer: torch.optim.Opt
             logger.log_artifacts(tmp, f"checkpoints/{name}")
 
 
+def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                mlflow_run_id: str, after_step: int) -> TrainState | None:
+    """Load the newest complete checkpoint of this run newer than ``after_step``, if any.
+
+    Ray Train restores the checkpoint its controller has registered, and it registers a
+    report only when it next polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s,
+    later under load): a worker killed in that window resumes a checkpoint older than the
+    one already uploaded (measured: 16-17 steps redone with checkpoints every 10). The
+    uploaded folder is in ``run_dir``; it is used only if it belongs to this MLflow run and
+    every file checks out against its state.json (a partial upload is refused, untouched).
+    """
+    ends = (cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    try:
+        states = storage.list_files(run_dir, STATE_FILE, *ends)
+    except FileNotFoundError:
+        return None
+    found = []
+    for url in states:
+        folder = url.rsplit("/", 1)[0]
+        m = re.fullmatch(r"checkpoint_(\d+)", folder.rsplit("/", 1)[-1])
+        if m and int(m.group(1)) > after_step:
+            found.append((int(m.group(1)), folder))
+    for step, folder in sorted(found, reverse=True):
+        with tempfile.TemporaryDirectory(prefix="cola-restore-") as tmp:
+            try:
+                local = folder
+                if storage.is_s3(folder):
+                    for name in (STATE_FILE, MODEL_FILE, OPTIMIZER_FILE):
+                        with open(f"{tmp}/{name}", "wb") as f:
+                            f.write(storage.read_bytes(f"{folder}/{name}", *ends))
+                    local = tmp
+                if read_state(local).mlflow_run_id != mlflow_run_id:
+                    continue
+                restored = load_checkpoint(local, core, optimizer)
+            except (CheckpointError, OSError) as e:  # incomplete: the upload was cut by the failure
+                log.warning("not resuming from %s: %s", folder, e)
+                continue
+        log.warning("resuming from %s, newer than the checkpoint Ray Train registered (step %d)",
+                    folder, after_step)
+        return restored
+    return None
+
+
 def _check_resume(restored: TrainState, cfg: Config, world: int) -> None:
-    """The number of negatives is the global batch: a resume must not change it silently."""
+    """The number of negatives is the global batch (gathered) or the per-worker batch (not
+    gathered): a resume must not change it silently. Another world size is fine when
+    negatives are gathered: the per-worker batch follows, the objective stays."""
     if restored.global_batch and restored.global_batch != cfg.train.batch_size:
         raise ValueError(
             f"checkpoint at step {restored.step} was trained with global batch "
@@ -182,6 +286,71 @@ def _check_resume(restored: TrainState, cfg: Config, world: int) -> None:
             "The global batch sets the number of negatives: keep it, and change train.num_workers "
             "(the per-worker batch follows) if you need a different world size"
         )
+    was_gathered = restored.config.get("model", {}).get("gather_negatives", True)
+    before = restored.global_batch // max(1, restored.world_size) if not was_gathered else restored.global_batch
+    now = cfg.per_worker_batch if not cfg.model.gather_negatives else cfg.train.batch_size
+    if restored.global_batch and before != now:
+        raise ValueError(
+            f"checkpoint at step {restored.step} was trained with {before} pairs per softmax "
+            f"({restored.world_size} workers, model.gather_negatives={was_gathered}); this run would use "
+            f"{now} ({world} workers, model.gather_negatives={cfg.model.gather_negatives}). The number "
+            "of negatives is the objective: resume with the same world size, or gather negatives"
+        )
+
+
+def _watched(batches: Iterable[dict[str, torch.Tensor]], timeout_s: float, rank: int, world: int,
+             state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches``, pulled by a helper thread; a rank that waits more than ``timeout_s`` for
+    its next batch raises :class:`StallError` naming itself, so Ray Train fails (or
+    restarts) the group now instead of its peers waiting out a 30-minute barrier.
+
+    Only the wait for data is timed; a peer that stalls inside a collective is caught by
+    the process group's own timeout (set from the same field in trainer.py).
+    """
+    if timeout_s <= 0:
+        yield from batches
+        return
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                if not put(("batch", batch)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # surfaces in the training thread below
+            put(("error", e))
+
+    threading.Thread(target=pump, daemon=True, name=f"cola-ray-data-rank{rank}").start()
+    try:
+        while True:
+            t0 = time.monotonic()
+            try:
+                kind, item = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                raise StallError(
+                    f"rank {rank} of {world}: no batch from its data stream for "
+                    f"{time.monotonic() - t0:.0f}s (train.step_timeout_s={timeout_s:g}) after step "
+                    f"{state.step}, epoch {state.epoch}; the data pipeline is stalled (a shard read that "
+                    "never returns, a dead storage mount?)"
+                ) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _snapshot(counter: Any) -> dict[str, Any] | None:
@@ -198,6 +367,8 @@ def _sample_metrics(snap: dict[str, Any]) -> dict[str, float]:
     bad = snap["bad"]
     out = {"data/good_samples": float(snap["good"]), "data/bad_samples": float(sum(bad.values()))}
     out.update({f"data/bad_{reason}": float(n) for reason, n in bad.items()})
+    out.update({f"data/refused_{kind}": float(n) for kind, n in snap.get("refused", {}).items()})
+    out["data/quarantined_shards"] = float(len(snap.get("bad_shards", {})))
     return out
 
 

@@ -67,6 +67,7 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, name, tags={"cola_ray.run_dir": run_dir})
     echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")
     echo(f"Checkpoints: {run_dir}" + ("  (resuming)" if resumed else ""))
+    spool_dir = _spool_dir(cfg, name)
 
     resources = {"CPU": cfg.train.cpus_per_worker, **cfg.train.resources_per_worker}
     trainer = TorchTrainer(
@@ -76,9 +77,12 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
             # state.json (and its MLflow copy); the live values they need travel in "run".
             "config": tracking.redact_tree(cfg.to_dict()),
             # Runtime facts of this run, kept out of the config on purpose.
-            "run": {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter},
+            "run": {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter,
+                    "spool_dir": spool_dir,
+                    "run_dir": run_dir if storage.is_s3(run_dir) else os.path.join(root, name)},
         },
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo",
+                                 timeout_s=_collective_timeout(cfg)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
@@ -96,12 +100,38 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
         result = trainer.fit()
         status = "FINISHED"
     finally:
-        tracking.end_run(uri, run_id, status)
+        try:
+            tracking.end_run(uri, run_id, status)
+        except Exception as e:  # the server went down at the very end: training's result stands
+            echo(f"MLflow: could not mark run {run_id} {status}: {tracking.redact(str(e))[:300]}")
+    spool = os.path.join(spool_dir, f"{run_id}{tracking.SPOOL_SUFFIX}")
+    if os.path.isfile(spool) and os.path.getsize(spool):
+        echo(f"MLflow: some metrics were not delivered; replay them with: cola-ray replay-metrics {spool} "
+             f"--tracking-uri {tracking.redact(uri)}")
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     if ckpt and storage.is_s3(cfg.storage_path):
         ckpt = "s3://" + ckpt.lstrip("/")
     echo(f"Done: {name}, last checkpoint {ckpt}")
     return FitResult(name, run_dir, uri, run_id, ckpt, dict(result.metrics or {}), resumed)
+
+
+def _spool_dir(cfg: Config, name: str) -> str:
+    """Where rank 0 spools MLflow records: ``tracking.spool_dir``, else beside the run's
+    checkpoints when they are local, else under the home folder of rank 0's node."""
+    if cfg.tracking.spool_dir:
+        root = cfg.tracking.spool_dir
+    elif storage.is_s3(cfg.storage_path):
+        root = os.path.join(os.path.expanduser("~"), ".cache", "cola-ray", "mlflow-spool")
+    else:
+        return os.path.join(os.path.abspath(cfg.storage_path), name, "mlflow_spool")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), name)
+
+
+def _collective_timeout(cfg: Config) -> int:
+    """The process group's timeout: a rank stalled inside a collective fails its peers after
+    twice the step watchdog (the data watchdog, which names the rank, fires first); Ray's
+    default of 30 minutes without a watchdog."""
+    return int(2 * cfg.train.step_timeout_s) if cfg.train.step_timeout_s > 0 else 1800
 
 
 def _storage(cfg: Config) -> tuple[pafs.FileSystem, str]:

@@ -9,8 +9,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cola_ray import shards, synthetic
-from cola_ray.config import load_config
 from cola_ray.trainer import fit
+from factories import tiny_config as tiny
 
 pytestmark = pytest.mark.slow
 
@@ -21,18 +21,6 @@ def corpus_shards(tmp_path_factory):
     labels = synthetic.make_corpus(root / "clips", n_clips=64, seconds=2.0, seed=1)
     shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=16, progress=False)
     return root / "shards"
-
-
-def tiny(tmp_path, shards_path, tracking_uri, *extra):
-    return load_config(None, [
-        f"data.shards={shards_path}", "data.shuffle_buffer=64", "data.decode_num_cpus=0.5",
-        "model.encoder=test_efficientnet", "model.drop_path_rate=0.0", "model.proj_dim=64",
-        "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.lr=0.002",
-        "train.epochs=100", "train.log_every_steps=1", "train.checkpoint_every_steps=10",
-        "train.max_failures=0",
-        f"storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={tracking_uri}",
-        "tracking.experiment=test-pretrain", *extra,
-    ])
 
 
 def test_pretrain_learns_logs_and_resumes(ray_local, corpus_shards, tmp_path, mlflow_server):
@@ -96,3 +84,22 @@ def test_pretrain_from_s3_with_checkpoints_in_s3(ray_local, s3_bucket, tmp_path)
     assert result.checkpoint == f"{s3_bucket}/runs/s3-run/checkpoint_000000004"
     files = storage.list_files(result.checkpoint, suffix="")
     assert {f.rsplit("/", 1)[1] for f in files} >= {"model.safetensors", "optimizer.pt", "state.json"}
+
+
+def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
+    """One of three shards is cut short: training goes on with the others, and the run says
+    which shard was set aside and why (a tag), and how many (a metric), not only a count."""
+    labels = synthetic.make_corpus(tmp_path / "clips", n_clips=24, seconds=2.0, seed=3)
+    shards.build_shards(tmp_path / "clips", tmp_path / "shards", labels_csv=labels, max_samples=8, progress=False)
+    victim = sorted((tmp_path / "shards").glob("*.tar"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny(tmp_path, tmp_path / "shards", uri, "name=quarantine", "train.batch_size=8", "train.max_steps=4",
+               "data.pairs_per_clip=2")
+    result = fit(cfg, echo=lambda *_: None)
+    run = MlflowClient(uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert victim.name in run.data.tags["cola_ray.quarantined_shards"]
+    assert "manifest" in run.data.tags["cola_ray.quarantined_shards"]
+    assert run.data.metrics["data/quarantined_shards"] == 1.0
+    assert run.data.metrics["data/bad_bad_shard"] >= 1.0
