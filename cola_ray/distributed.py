@@ -48,6 +48,16 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, ...) from every rank -> (world * B, ...) in rank order; no gradient (labels,
+    ids, metrics). Every rank must call this with the same shape. Single process: ``x``."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def all_reduce(x: torch.Tensor, op: str | dist.ReduceOp = "sum") -> torch.Tensor:
     """Reduce ``x`` over ranks in place and return it; a no-op single-process.
 

@@ -202,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(core.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
 
     client = None
-    if rank == 0:
+    if rank == 0 and run["mlflow_run_id"]:  # a Tune trial's child run is written by the driver
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=run["tracking_uri"])
@@ -247,6 +247,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "state": {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}}
         ray.train.report({k: v for k, v in record.items()})  # every rank: it is a barrier
 
+    if not s["test"]:
+        return  # a sweep trial: selected on validation by Tune; test is the driver's, once
     selected = s["epochs"]
     if best["state"] is not None:  # select="last", or no validation clips: the final weights
         core.load_state_dict(best["state"])
@@ -294,6 +296,98 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class FinetuneJob:
+    """What every fine-tuning run of one encoder on one task shares; a sweep's trials
+    override ``settings`` (lr, weight decay, epochs) and nothing else."""
+
+    settings: dict[str, Any]
+    """Passed to the workers: encoder_ref, task, from_scratch, lr, weight_decay, epochs,
+    batch_size, seed, select, cpus_per_worker, log_model, test."""
+    data: dict[str, Any]
+    """classes, sample_rate, segment_samples, remainder, endpoint_url, region."""
+    urls: list[str]
+    task_name: str
+    baseline: str
+    info: dict[str, Any]
+    """:func:`cola_ray.encoders.resolve_encoder`'s description of the encoder."""
+
+    def with_settings(self, **changes: Any) -> "FinetuneJob":
+        return FinetuneJob({**self.settings, **changes}, self.data, self.urls, self.task_name, self.baseline,
+                           self.info)
+
+
+def plan(
+    encoder_ref: str,
+    task: str,
+    *,
+    from_scratch: bool = False,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    epochs: int = 30,
+    batch_size: int = 64,
+    seed: int = 0,
+    select: str = "best",
+    baseline: str = "",
+    cpus_per_worker: float = 1.0,
+    segment_samples: int = 15600,
+    remainder: str = "end",
+    sample_rate: int = 16000,
+    log_model: bool = True,
+    endpoint_url: str = "",
+    region: str = "",
+    tracking_uri: str = "",
+) -> FinetuneJob:
+    """Check the arguments and read the task (shards, classes) before any Ray work.
+
+    Bad input fails here, naming it: an unknown ``select`` / ``remainder``, a task path
+    without shards, a task without classes, an encoder reference that does not resolve.
+    """
+    from cola_ray import embed
+
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
+    if remainder not in embed.REMAINDERS:
+        raise ValueError(f"remainder must be one of {embed.REMAINDERS}, got {remainder!r}")
+    baseline = check_baseline(baseline or default_baseline(encoder_ref, from_scratch))
+    urls = shards.shard_urls(str(task), endpoint_url, region)  # a missing path fails before Ray starts
+    if not urls:
+        raise FileNotFoundError(f"no *.tar shards found at {task!r}")
+    task_meta = embed.read_task(str(task), endpoint_url, region)
+    classes = embed.task_classes(task_meta) or train_labels(urls, endpoint_url, region)
+    if not classes:
+        raise ValueError(f"the task at {task!r} has no task.json classes and no labelled train clip")
+    _, info = build_encoder(encoder_ref, from_scratch=from_scratch, seed=seed, tracking_uri=tracking_uri)
+    settings = {"encoder_ref": encoder_ref, "task": str(task), "from_scratch": from_scratch, "lr": lr,
+                "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                "select": select, "cpus_per_worker": cpus_per_worker, "log_model": log_model, "test": True}
+    data = {"classes": classes, "sample_rate": sample_rate, "segment_samples": segment_samples,
+            "remainder": remainder, "endpoint_url": endpoint_url, "region": region}
+    return FinetuneJob(settings, data, urls, task_meta.get("task") or embed.task_name(str(task)), baseline, info)
+
+
+def make_trainer(job: FinetuneJob, run: Mapping[str, str], *, name: str, storage_path: str, num_workers: int,
+                 use_gpu: bool, decode_num_cpus: float, callbacks: list | None = None) -> Any:
+    """The TorchTrainer of one fine-tuning run, named ``name`` under ``storage_path``.
+
+    ``run = {"tracking_uri", "mlflow_run_id"}``: the workers log there (an empty run id:
+    they log nothing, e.g. in a Tune trial whose child run the driver writes).
+    """
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": job.settings, "data": job.data, "urls": job.urls, "run": dict(run)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": job.settings["cpus_per_worker"]}),
+        run_config=ray.train.RunConfig(name=name, storage_path=root, callbacks=list(callbacks or []),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+        datasets={"train": read_train_crops(job.urls, job.data, decode_num_cpus)},
+    )
+
+
 def finetune(
     encoder_ref: str,
     task: str,
@@ -321,6 +415,7 @@ def finetune(
     endpoint_url: str = "",
     region: str = "",
     ray_address: str = "",
+    tags: Mapping[str, str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``encoder_ref`` + a linear layer on the task shards at ``task``; one MLflow run.
 
@@ -330,58 +425,33 @@ def finetune(
     ``val_accuracy``, ``test_accuracy``, per-class accuracies and confusion matrices
     (as :func:`cola_ray.probe.probe` names them), and with ``log_model`` the weights
     (``finetuned/``). The run lives in ``<storage_path>/<run name>`` for Ray Train.
+    ``tags`` are added to the run's (e.g. a sweep's parent run id).
     """
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from cola_ray import tracking
 
-    from cola_ray import embed, tracking
-
-    if select not in SELECT:
-        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
-    if remainder not in embed.REMAINDERS:
-        raise ValueError(f"remainder must be one of {embed.REMAINDERS}, got {remainder!r}")
-    baseline = check_baseline(baseline or default_baseline(encoder_ref, from_scratch))
-    urls = shards.shard_urls(str(task), endpoint_url, region)  # a missing path fails before Ray starts
-    if not urls:
-        raise FileNotFoundError(f"no *.tar shards found at {task!r}")
-    task_meta = embed.read_task(str(task), endpoint_url, region)
-    classes = embed.task_classes(task_meta) or train_labels(urls, endpoint_url, region)
-    if not classes:
-        raise ValueError(f"the task at {task!r} has no task.json classes and no labelled train clip")
-    name = task_meta.get("task") or embed.task_name(str(task))
-    _, info = build_encoder(encoder_ref, from_scratch=from_scratch, seed=seed, tracking_uri=tracking_uri)
-
+    job = plan(encoder_ref, task, from_scratch=from_scratch, lr=lr, weight_decay=weight_decay, epochs=epochs,
+               batch_size=batch_size, seed=seed, select=select, baseline=baseline, cpus_per_worker=cpus_per_worker,
+               segment_samples=segment_samples, remainder=remainder, sample_rate=sample_rate, log_model=log_model,
+               endpoint_url=endpoint_url, region=region, tracking_uri=tracking_uri)
     uri, client = open_tracking(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment, uri)
-    run_name = run_name or f"finetune-{name}-{baseline.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = run_name or f"finetune-{job.task_name}-{job.baseline.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(exp_id, run_name=run_name, tags={
-        KIND_TAG: "finetune", ENCODER_TAG: encoder_ref, TASK_TAG: name, BASELINE_TAG: baseline,
-        "cola_ray.from_scratch": str(from_scratch).lower()})
+        KIND_TAG: "finetune", ENCODER_TAG: encoder_ref, TASK_TAG: job.task_name, BASELINE_TAG: job.baseline,
+        "cola_ray.from_scratch": str(from_scratch).lower(), **dict(tags or {})})
     run_id = run.info.run_id
-    settings = {"encoder_ref": encoder_ref, "task": str(task), "from_scratch": from_scratch, "lr": lr,
-                "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size, "seed": seed,
-                "select": select, "cpus_per_worker": cpus_per_worker, "log_model": log_model}
-    data = {"classes": classes, "sample_rate": sample_rate, "segment_samples": segment_samples,
-            "remainder": remainder, "endpoint_url": endpoint_url, "region": region}
     status = "FAILED"
     try:
-        log_params(client, run_id, {**settings, "num_workers": num_workers, "use_gpu": use_gpu,
+        log_params(client, run_id, {**{k: v for k, v in job.settings.items() if k != "test"},
+                                    "num_workers": num_workers, "use_gpu": use_gpu,
                                     "segment_samples": segment_samples, "remainder": remainder,
-                                    "classes": len(classes), "encoder_name": info["encoder"],
-                                    "dim": info["embedding_dim"]})
+                                    "classes": len(job.data["classes"]), "encoder_name": job.info["encoder"],
+                                    "dim": job.info["embedding_dim"]})
         cluster.connect(ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"settings": settings, "data": data, "urls": urls,
-                               "run": {"tracking_uri": uri, "mlflow_run_id": run_id}},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": cpus_per_worker}),
-            run_config=ray.train.RunConfig(name=run_name, storage_path=root,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-            datasets={"train": read_train_crops(urls, data, decode_num_cpus)},
-        )
+        trainer = make_trainer(job, {"tracking_uri": uri, "mlflow_run_id": run_id}, name=run_name,
+                               storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
+                               decode_num_cpus=decode_num_cpus)
         result = trainer.fit()
         status = "FINISHED"
     finally:

@@ -36,6 +36,7 @@ def cola_loss(
     W: torch.Tensor | None = None,
     temperature: float = 0.2,
     gather: bool = True,
+    clip_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of each anchor against all positives -> ``(loss, accuracy)`` scalars.
 
@@ -44,6 +45,11 @@ def cola_loss(
     all workers are the candidates: logits (B, world * B), label of row i ``rank * B + i``.
     ``loss`` is the mean over this worker's rows; ``accuracy`` the fraction of rows whose
     top-1 is their positive (no gradient). Every worker must pass the same B.
+
+    ``clip_ids`` (B,) integers, the clip each pair was cut from: with ``pairs_per_clip > 1``
+    two pairs of one clip can share a (global) batch, and the other pair's positive is then
+    a crop of the anchor's own clip scored as a negative. Such candidates are masked out
+    (logit -inf) for that anchor; its own positive never is. None: no masking (the paper).
     """
     if za.shape != zp.shape or za.dim() != 2:
         raise ValueError(f"za and zp must both be (B, P), got {tuple(za.shape)} and {tuple(zp.shape)}")
@@ -67,7 +73,24 @@ def cola_loss(
         else:
             raise ValueError(f"similarity must be 'bilinear' or 'cosine', got {similarity!r}")
         labels = torch.arange(za.shape[0], device=za.device) + offset  # (B,)
+        if clip_ids is not None:
+            logits = mask_same_clip(logits, labels, clip_ids, gather)
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             accuracy = (logits.argmax(dim=1) == labels).to(dtype).mean()
     return loss, accuracy
+
+
+def mask_same_clip(logits: torch.Tensor, labels: torch.Tensor, clip_ids: torch.Tensor, gather: bool) -> torch.Tensor:
+    """logits (B, N) with every candidate from the anchor's own clip, but its positive, at -inf.
+
+    ``clip_ids`` (B,) of this worker's pairs; with ``gather`` the ids of all workers' pairs
+    are gathered (no gradient: they are labels) in the same order as the candidates.
+    """
+    if clip_ids.shape != labels.shape:
+        raise ValueError(f"clip_ids must be (B,) = {tuple(labels.shape)}, got {tuple(clip_ids.shape)}")
+    ids = clip_ids.to(device=logits.device, dtype=torch.int64)
+    candidate_ids = distributed.all_gather(ids) if gather else ids  # (N,)
+    same = ids[:, None] == candidate_ids[None, :]  # (B, N)
+    same[torch.arange(labels.shape[0], device=logits.device), labels] = False
+    return logits.masked_fill(same, float("-inf"))

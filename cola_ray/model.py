@@ -32,6 +32,7 @@ class ColaModel(nn.Module):
         self.similarity = model.similarity
         self.temperature = model.temperature
         self.gather_negatives = model.gather_negatives
+        self.mask_same_clip = model.mask_same_clip
         self.encoder = WaveformEncoder(features, model)
         dim, proj = self.encoder.embedding_dim, model.proj_dim
         if self.similarity == "bilinear":
@@ -41,11 +42,14 @@ class ColaModel(nn.Module):
             self.head = nn.Linear(dim, proj)
             self.register_parameter("W", None)  # no unused parameter for DDP to wait on
 
-    def forward(self, anchor: torch.Tensor, positive: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
+                clip_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """anchor, positive (B, S) waveforms -> ``{"loss": scalar, "accuracy": scalar}``.
 
         Anchors and positives go through ONE encoder pass on (2B, S), as the authors' code,
-        so batch-norm statistics are taken over both crops of every pair.
+        so batch-norm statistics are taken over both crops of every pair. ``clip_ids`` (B,)
+        with ``model.mask_same_clip``: candidates cut from an anchor's own clip are not its
+        negatives (see :func:`cola_ray.loss.cola_loss`).
         """
         if anchor.shape != positive.shape:
             raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} differ")
@@ -58,6 +62,7 @@ class ColaModel(nn.Module):
             W=self.W,
             temperature=self.temperature,
             gather=self.gather_negatives,
+            clip_ids=clip_ids if self.mask_same_clip else None,
         )
         return {"loss": loss, "accuracy": accuracy}
 

@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from cola_ray import cluster, embed, tracking
-from cola_ray.config import ConfigError, expand_env
+from cola_ray.config import ConfigError, read_settings
 from cola_ray.probe import (
     DEFAULT_EXPERIMENT,
     KIND_TAG,
@@ -58,6 +58,7 @@ from cola_ray.probe import (
 )
 
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
+MODES = ("probe", "finetune")
 TRIAL_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "val_loss")
 
 
@@ -79,12 +80,14 @@ def run_trial(config: dict[str, Any], emb: dict[str, np.ndarray]) -> None:
 class TrialRuns(tune.Callback):
     """Every trial as a child MLflow run of ``parent_run_id``, written from the driver.
 
-    Params: the trial's config. Metrics: :data:`TRIAL_METRICS` at step = epoch, one
-    batched call per report. A trial ASHA stops is FINISHED with tag
+    Params: the trial's config. Metrics: ``metrics`` (default :data:`TRIAL_METRICS`) at
+    step = epoch (one report per epoch), one batched call per report. A trial ASHA stops is FINISHED with tag
     ``cola_ray.early_stopped=true``; a trial that raised is FAILED.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
+                 metrics: Sequence[str] = TRIAL_METRICS) -> None:
+        self.metrics = tuple(metrics)
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -115,7 +118,7 @@ class TrialRuns(tune.Callback):
         log_params(self.client, run.info.run_id, trial.config)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        metrics = {k: result[k] for k in TRIAL_METRICS if k in result}
+        metrics = {k: result[k] for k in self.metrics if k in result}
         log_metrics(self.client, self.run_ids[trial.trial_id], metrics, step=int(result["training_iteration"]))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -301,35 +304,41 @@ def load_sweep_config(
     ``key=value`` overrides (values read as YAML), then ``settings`` (e.g. CLI flags;
     None values are skipped).
 
-    Keys are :func:`sweep`'s parameter names; an unknown key or a missing ``encoder_ref`` /
-    ``task`` is a :class:`~cola_ray.config.ConfigError` naming it.
+    ``mode`` (``probe``, the default, or ``finetune``) picks the sweep; the other keys are
+    the parameter names of :func:`sweep` or of
+    :func:`cola_ray.finetune_sweep.finetune_sweep`. An unknown key or a missing
+    ``encoder_ref`` / ``task`` is a :class:`~cola_ray.config.ConfigError` naming it.
+    Run the result with :func:`run_sweep`.
     """
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = expand_env(loaded)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        data[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    data = read_settings(path, overrides)
     data.update({k: v for k, v in (settings or {}).items() if v is not None})
-    known = set(inspect.signature(sweep).parameters)
+    mode = str(data.get("mode") or "probe")
+    if mode not in MODES:
+        raise ConfigError(f"sweep key 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+    data["mode"] = mode
+    known = set(inspect.signature(_sweep_function(mode)).parameters) | {"mode"}
     for key in data:
         if key not in known:
-            raise ConfigError(f"unknown sweep key {key!r}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown key {key!r} for a {mode} sweep; known keys: {', '.join(sorted(known))}")
     for key in ("encoder_ref", "task"):
         if not data.get(key):
             raise ConfigError(f"sweep key {key!r} is required")
         data[key] = str(data[key])  # a run id of digits must stay a string
     return data
+
+
+def _sweep_function(mode: str) -> Any:
+    if mode == "finetune":
+        from cola_ray.finetune_sweep import finetune_sweep
+
+        return finetune_sweep
+    return sweep
+
+
+def run_sweep(settings: Mapping[str, Any]) -> SweepResult:
+    """Run :func:`load_sweep_config`'s settings: the probe's sweep or fine-tuning's."""
+    settings = dict(settings)
+    return _sweep_function(settings.pop("mode", "probe"))(**settings)
 
 
 def describe(result: SweepResult) -> str:
@@ -338,4 +347,4 @@ def describe(result: SweepResult) -> str:
     config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_config.items())
     return (f"{len(result.trials)} trials ({stopped} stopped early by ASHA); best on validation: {config}\n"
             f"validation accuracy {result.val_accuracy:.1%}, TEST accuracy {result.test_accuracy:.1%}\n"
-            f"MLflow parent run {result.run_id}; embeddings {result.embeddings}")
+            f"MLflow parent run {result.run_id}" + (f"; embeddings {result.embeddings}" if result.embeddings else ""))

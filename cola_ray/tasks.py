@@ -645,3 +645,43 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 
 PAPER_CLASSES = {name: t.paper_classes for name, t in TASKS.items() if t.paper_classes}
 """Class counts as in the COLA paper, for documentation; not enforced."""
+
+
+def synthetic_task(
+    out: str | Path,
+    *,
+    n_clips: int = 120,
+    seconds: float = 3.0,
+    n_classes: int = 4,
+    classes: Sequence[str] = (),
+    name: str = "synthetic",
+    max_samples: int = 32,
+    seed: int = 0,
+    clips_dir: str | Path = "",
+    endpoint_url: str = "",
+    region: str = "",
+) -> str:
+    """A labelled task made of :mod:`cola_ray.synthetic` clips: shards + ``task.json`` at ``out``.
+
+    For smoke runs and tests of the downstream path where no dataset is at hand: classes
+    are the synthetic families (``classes`` gives their task.json order; default sorted),
+    split about 70/15/15, stratified and seeded. Returns ``out``. A complete build at
+    ``out`` is kept (``build_shards`` resumes), so a re-run costs the clip synthesis only.
+    The clips are written to ``clips_dir`` and kept there if it is given.
+    """
+    from cola_ray import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="cola-synth-task-") as tmp:
+        src = Path(clips_dir or tmp)
+        labels_csv = synthetic.make_corpus(src, n_clips=n_clips, seconds=seconds, n_classes=n_classes, seed=seed)
+        shards.build_shards(src, out, labels_csv=labels_csv, max_samples=max_samples, progress=False,
+                            endpoint_url=endpoint_url, region=region)
+        labels = sorted({row.split(",")[1] for row in Path(labels_csv).read_text().splitlines()[1:]})
+    order = list(classes) or labels
+    if sorted(order) != labels:
+        raise ValueError(f"classes {order} are not the synthetic families of this task: {labels}")
+    info = {"format": TASK_FORMAT, "task": name, "seed": seed,
+            "classes": [{"index": i, "label": label} for i, label in enumerate(order)]}
+    storage.write_bytes(storage.join(str(out), TASK_FILE), json.dumps(info, indent=1).encode("utf-8") + b"\n",
+                        endpoint_url, region)
+    return str(out)

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_ray.config import ConfigError  # noqa: E402
-from cola_ray.sweep import describe, load_sweep_config, sweep  # noqa: E402
+from cola_ray.sweep import describe, load_sweep_config, run_sweep  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
-    print(describe(sweep(**settings)))
+    print(describe(run_sweep(settings)))
     return 0
 
 

@@ -40,10 +40,8 @@ AWS_YAML = CLUSTER / "aws.yaml"
 RUNTIME_ENV_YAML = CLUSTER / "runtime_env.yaml"
 KUBERAY = CLUSTER / "kuberay"
 RAYCLUSTER_YAML = KUBERAY / "raycluster.yaml"
-RAYJOB_YAMLS = {"pretrain": KUBERAY / "rayjob-pretrain.yaml", "sweep": KUBERAY / "rayjob-sweep.yaml"}
-# The sweep job's files are written by another change; until they exist the path check
-# of that RayJob is an expected failure, and a hard check from then on.
-SWEEP_FILES = ("jobs/sweep.py", "jobs/configs/sweep.yaml")
+RAYJOB_YAMLS = {"pretrain": KUBERAY / "rayjob-pretrain.yaml", "sweep": KUBERAY / "rayjob-sweep.yaml",
+                "downstream": KUBERAY / "rayjob-downstream.yaml"}
 
 DECODE_RESOURCE = "decode-node"
 GPU_RESOURCE = "gpu-node"
@@ -404,18 +402,12 @@ def test_rayjob_entrypoint_files_exist(which):
     script, config, _ = _entrypoint(_rayjob(which))
     named = [p for p in (script, config) if p]
     missing = [p for p in named if not (REPO / p).is_file()]
-    if which == "sweep":
-        assert (script, config) == SWEEP_FILES
-        if missing and not (REPO / SWEEP_FILES[0]).exists():
-            pytest.xfail(f"{SWEEP_FILES[0]} is not written yet (another change adds it); missing: {missing}")
     assert not missing, f"{RAYJOB_YAMLS[which].name} names files the repo lacks: {missing}"
 
 
 def test_sweep_rayjob_loads_under_its_environment(monkeypatch):
     """The sweep entrypoint's config resolves, from the job's env_vars, to S3 inputs and a
     tracking server (not the laptop defaults: a local sqlite file, /tmp)."""
-    if not (REPO / SWEEP_FILES[0]).exists():
-        pytest.xfail(f"{SWEEP_FILES[0]} is not written yet (another change adds it)")
     from cola_ray.sweep import load_sweep_config
 
     job = _rayjob("sweep")
@@ -428,6 +420,22 @@ def test_sweep_rayjob_loads_under_its_environment(monkeypatch):
     assert str(settings.get("tracking_uri", "")).startswith("http")
 
 
+def test_downstream_rayjob_loads_under_its_environment(monkeypatch):
+    """The suite's config resolves, from the job's env_vars, to the nine tasks in S3, S3
+    storage and a tracking server; every key is one the suite knows."""
+    from cola_ray.suite import load_suite_config
+
+    job = _rayjob("downstream")
+    script, config, overrides = _entrypoint(job)
+    assert script == "jobs/downstream.py"
+    for key, value in _runtime_env(job).get("env_vars", {}).items():
+        monkeypatch.setenv(key, value)
+    settings = load_suite_config(REPO / config, [*overrides, "encoder_ref=s3://b/runs/a/checkpoint_000000100"])
+    assert len(settings["tasks"]) == 9 and all(t["shards"].startswith("s3://") for t in settings["tasks"])
+    assert str(settings["storage_path"]).startswith("s3://") and str(settings["tracking_uri"]).startswith("http")
+    assert settings["finetune"]["use_gpu"] is True and settings["probe"]["use_gpu"] is True
+
+
 _REPO_PATH = re.compile(r"(?<![\w/.-])((?:jobs|cluster)/[\w/.-]+\.(?:py|ya?ml))\b")
 
 
@@ -437,8 +445,6 @@ def test_every_repo_path_named_under_cluster_exists():
     named = {m.group(1): p.name for p in _scanned_files((CLUSTER,)) for m in _REPO_PATH.finditer(p.read_text())}
     assert "jobs/pretrain.py" in named and "jobs/configs/paper.yaml" in named
     missing = sorted(p for p in named if not (REPO / p).is_file())
-    if missing and set(missing) <= set(SWEEP_FILES) and not (REPO / SWEEP_FILES[0]).exists():
-        pytest.xfail(f"{SWEEP_FILES[0]} is not written yet (another change adds it); missing: {missing}")
     assert not missing, {p: named[p] for p in missing}
 
 

@@ -45,9 +45,14 @@ def model_cfg(gather: bool, similarity: str = "bilinear") -> ModelConfig:
     )
 
 
-def step(model: torch.nn.Module, anchor: torch.Tensor, positive: torch.Tensor, inner: ColaModel) -> dict:
+# Pairs 0 and 3, and 1 and 5, come from the same clips, across the two ranks' halves.
+CLIP_IDS = torch.tensor([10, 11, 12, 10, 13, 11])
+
+
+def step(model: torch.nn.Module, anchor: torch.Tensor, positive: torch.Tensor, inner: ColaModel,
+         clip_ids: torch.Tensor | None = None) -> dict:
     """One forward/backward; loss, accuracy and every parameter's gradient."""
-    out = model(anchor, positive)
+    out = model(anchor, positive, clip_ids)
     out["loss"].backward()
     return {
         "loss": out["loss"].detach(),
@@ -71,6 +76,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                 model.load_state_dict(torch.load(Path(tmp) / f"{similarity}.pt"))
                 ddp = DistributedDataParallel(model)
                 results[similarity, gather] = step(ddp, data["anchor"][rows], data["positive"][rows], model)
+            model = ColaModel(FeatureConfig(), model_cfg(True, similarity))
+            model.load_state_dict(torch.load(Path(tmp) / f"{similarity}.pt"))
+            results[similarity, "masked"] = step(DistributedDataParallel(model), data["anchor"][rows],
+                                                 data["positive"][rows], model, CLIP_IDS[rows])
         torch.save(results, Path(tmp) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -119,6 +128,9 @@ def runs(tmp_path_factory):
         assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         torch.save(model.state_dict(), tmp / f"{similarity}.pt")
         reference[similarity] = step(model, anchor, positive, model)
+        model.zero_grad(set_to_none=True)
+        reference[similarity, "masked"] = step(model, anchor, positive, model, CLIP_IDS)
+        model.zero_grad(set_to_none=True)
         # the no-gather loss, one worker at a time: each anchor against its worker's B only
         halves = [
             model(anchor[r * B : (r + 1) * B], positive[r * B : (r + 1) * B])["loss"] for r in range(WORLD)
@@ -133,11 +145,13 @@ def test_ranks_see_process_group(runs):
     assert [w["world_size"] for w in workers] == [2, 2]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-negatives", "same-clip-masked"])
 @pytest.mark.parametrize("similarity", ["bilinear", "cosine"])
-def test_gathered_ddp_equals_one_process_on_global_batch(runs, similarity):
+def test_gathered_ddp_equals_one_process_on_global_batch(runs, similarity, masked):
+    """Also with same-clip masking, whose clip ids are gathered like the positives."""
     reference, workers = runs
-    ref = reference[similarity]
-    ranks = [w[similarity, True] for w in workers]
+    ref = reference[similarity, "masked"] if masked else reference[similarity]
+    ranks = [w[similarity, "masked" if masked else True] for w in workers]
     mean_loss = torch.stack([r["loss"] for r in ranks]).mean()
     torch.testing.assert_close(mean_loss, ref["loss"], rtol=1e-5, atol=1e-5)
     mean_acc = torch.stack([r["accuracy"] for r in ranks]).mean()
@@ -166,9 +180,16 @@ def test_without_gathering_the_loss_differs(runs, similarity):
     torch.testing.assert_close(mean_loss, reference[similarity, "local"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("similarity", ["bilinear", "cosine"])
+def test_masking_changes_the_loss(runs, similarity):
+    reference, _ = runs
+    assert abs(reference[similarity, "masked"]["loss"].item() - reference[similarity]["loss"].item()) > 1e-4
+
+
 def test_single_process_collectives_are_identity():
     assert distributed.rank() == 0 and distributed.world_size() == 1
     x = torch.randn(3, 4, requires_grad=True)
     assert distributed.all_gather_with_grad(x) is x
+    assert distributed.all_gather(x) is x
     y = torch.ones(2)
     assert distributed.all_reduce(y, "mean") is y and torch.equal(y, torch.ones(2))

@@ -153,3 +153,43 @@ def test_supervised_baseline_and_report_columns(tuned, scratch, store, tmp_path)
     assert r.cells["toy-ft", "COLA fine-tuned"].accuracy == pytest.approx(100 * tuned.test_accuracy)
     assert r.cells["toy-ft", "supervised"].accuracy == pytest.approx(100 * scratch.test_accuracy)
     assert r.cells["toy-ft", "supervised"].kind == "finetune"
+
+
+@pytest.mark.slow
+def test_finetune_sweep_selects_on_validation_and_tests_once(ray_local, task, checkpoint, store, tmp_path):
+    from cola_ray.finetune_sweep import finetune_sweep
+
+    experiment = "test-finetune-sweep"
+    result = finetune_sweep(checkpoint, str(task / "shards"), num_samples=2, max_concurrent=1, lr_range=(1e-4, 1e-2),
+                            weight_decay_choices=[0.0], epoch_choices=[2], grace_period=2, batch_size=8,
+                            cpus_per_worker=0.5, log_model=False, experiment=experiment,
+                            tracking_uri=store["uri"], storage_path=str(tmp_path / "sweeps"), verbose=0)
+    client = MlflowClient(store["uri"])
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cola_ray.kind"] == "sweep" and parent.data.tags["cola_ray.sweep"] == "finetune"
+    assert parent.data.tags["cola_ray.baseline"] == "COLA fine-tuned"
+    exp = client.get_experiment_by_name(experiment)
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{result.run_id}'")
+    trials = [r for r in children if r.data.tags["cola_ray.kind"] == "trial"]
+    (selected,) = [r for r in children if r.data.tags["cola_ray.kind"] == "finetune"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+
+    # Trials: an epoch_val_accuracy per epoch, and never a test accuracy.
+    scores = {}
+    for r in trials:
+        history = client.get_metric_history(r.info.run_id, "epoch_val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+        assert not any(k.startswith("test") for k in r.data.metrics)
+        scores[r.info.run_id] = max(m.value for m in history)
+    assert result.best_trial_run_id in scores
+    assert scores[result.best_trial_run_id] == max(scores.values())
+    best = client.get_run(result.best_trial_run_id)
+    assert float(best.data.params["lr"]) == pytest.approx(result.best_config["lr"])
+
+    # The selected config is trained once more, and tested once: that is the sweep's number.
+    assert selected.info.status == "FINISHED"
+    assert float(selected.data.params["lr"]) == pytest.approx(result.best_config["lr"])
+    assert len(client.get_metric_history(selected.info.run_id, "test_accuracy")) == 1
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(selected.data.metrics["test_accuracy"])
+    assert result.test_accuracy == pytest.approx(selected.data.metrics["test_accuracy"])

@@ -162,9 +162,11 @@ def _stop_cluster(proc: subprocess.Popen, temp_dir: Path) -> list[int]:
     return leftovers
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head of its own (``ray start --head --block``), token auth on; stopped by PID."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head of its own (``ray start --head --block``), token auth on; stopped by PID.
+    Shared by this module's jobs, as one cluster serves many jobs."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     # Ray puts unix sockets under <temp-dir>/session_<date>_<pid>/sockets/: keep the root short.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayj-", dir="/tmp" if os.path.isdir("/tmp") else None))
     assert len(str(temp_dir)) <= 40, temp_dir
@@ -210,41 +212,54 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def _job_logs(client, submission_id: str) -> str:
+    try:
+        return client.get_job_logs(submission_id)[-6000:]
+    except Exception as e:  # the job may not exist if the submission itself failed
+        return f"(no job logs: {e})"
+
+
+def _submit(head: Head, script: str, config: str, *overrides: str) -> str:
+    """``ray job submit`` of ``script --config config overrides`` with the repo as working dir;
+    waits for the end and asserts SUCCEEDED; returns the submission id."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    submission_id = f"cola-{Path(script).stem}-{uuid.uuid4().hex[:8]}"
+    submit = ["job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
+              "--working-dir", str(REPO), "--", "python", script, "--config", config, *overrides]
+    client = JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)
+    started = time.monotonic()
+    try:
+        done = head.ray(*submit, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"ray job submit did not finish within {JOB_TIMEOUT_S:.0f}s\n"
+                    f"--- client ---\n{(e.stdout or b'')[-3000:]!r}\n--- job logs ---\n"
+                    f"{_job_logs(client, submission_id)}")
+    elapsed = time.monotonic() - started
+    status = client.get_job_status(submission_id)
+    assert done.returncode == 0 and status == JobStatus.SUCCEEDED, (
+        f"rc={done.returncode} status={status}\n--- client ---\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        f"\n--- job logs ---\n{_job_logs(client, submission_id)}")
+    print(f"job {submission_id} SUCCEEDED in {elapsed:.0f}s")
+    return submission_id
+
+
 def test_ray_job_submit_smoke_config(ray_head, tmp_path):
     from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     # Token auth is on: the dashboard refuses a request without the token (and a wrong one).
     assert _http_status(ray_head.dashboard_url + "/api/jobs/") == 401
     assert _http_status(ray_head.dashboard_url + "/api/jobs/", {"Authorization": "Bearer nope"}) == 403
 
     storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
-    submission_id = f"cola-smoke-{uuid.uuid4().hex[:8]}"
     # The submitting shell's environment does not reach the job: paths go as overrides.
-    submit = ["job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
-              "--working-dir", str(REPO), "--",
-              "python", "jobs/pretrain.py", "--config", "jobs/configs/smoke.yaml",
-              f"storage_path={storage}", f"tracking.tracking_uri=sqlite:///{db}", "name=smoke-job"]
+    submission_id = _submit(ray_head, "jobs/pretrain.py", "jobs/configs/smoke.yaml",
+                            f"storage_path={storage}", f"tracking.tracking_uri=sqlite:///{db}", "name=smoke-job")
     client = JobSubmissionClient(ray_head.dashboard_url, headers=ray_head.auth_headers)
 
     def job_logs() -> str:
-        try:
-            return client.get_job_logs(submission_id)[-6000:]
-        except Exception as e:  # the job may not exist if the submission itself failed
-            return f"(no job logs: {e})"
-
-    started = time.monotonic()
-    try:
-        done = ray_head.ray(*submit, timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"ray job submit did not finish within {JOB_TIMEOUT_S:.0f}s\n"
-                    f"--- client ---\n{(e.stdout or b'')[-3000:]!r}\n--- job logs ---\n{job_logs()}")
-    elapsed = time.monotonic() - started
-    status = client.get_job_status(submission_id)
-    assert done.returncode == 0 and status == JobStatus.SUCCEEDED, (
-        f"rc={done.returncode} status={status}\n--- client ---\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-        f"\n--- job logs ---\n{job_logs()}")
-    print(f"job {submission_id} SUCCEEDED in {elapsed:.0f}s")
+        return _job_logs(client, submission_id)
 
     # The CLI's own status query, authenticated the same way.
     st = ray_head.ray("job", "status", "--address", ray_head.dashboard_url, submission_id, timeout=60)
@@ -273,3 +288,50 @@ def test_ray_job_submit_smoke_config(ray_head, tmp_path):
     # Checkpoints under the storage path (every 3 steps).
     for step in (3, 6):
         assert (storage / "smoke-job" / f"checkpoint_{step:09d}" / "model.safetensors").is_file()
+
+
+def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
+    """The whole downstream suite as a job: a generated task, the four baselines (probe sweeps
+    and fine-tuning sweeps), the table; a resubmission skips the finished cells."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from factories import hand_made_checkpoint
+
+    encoder = hand_made_checkpoint(tmp_path / "ckpt")
+    db, report_dir = tmp_path / "mlflow.db", tmp_path / "report"
+    overrides = (f"encoder_ref={encoder}", f"tracking_uri=sqlite:///{db}", f"storage_path={tmp_path / 'runs'}",
+                 f"report_dir={report_dir}", f"probe.cache_dir={tmp_path / 'cache'}")
+    _submit(ray_head, "jobs/downstream.py", "jobs/configs/downstream-smoke.yaml", *overrides)
+
+    with open(report_dir / "report.csv", newline="") as f:
+        rows = {row["task"]: row for row in csv.DictReader(f)}
+    columns = ["random init", "supervised", "COLA frozen", "COLA fine-tuned"]
+    assert set(rows) == {"synthetic", "Average"}
+    for column in columns:
+        assert 0.0 <= float(rows["synthetic"][column]) <= 100.0
+    assert (report_dir / "report.md").read_text().splitlines()[0] == "| task | " + " | ".join(columns) + " |"
+
+    mlflow = MlflowClient(f"sqlite:///{db}")
+    exp = mlflow.get_experiment_by_name("cola-ray-downstream-smoke")
+    parents = mlflow.search_runs([exp.experiment_id], "tags.`cola_ray.kind` = 'sweep'")
+    assert sorted(r.data.tags["cola_ray.baseline"] for r in parents) == sorted(columns)
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in parents)
+    # Probe sweeps embed once per encoder; fine-tuning sweeps retrain their selected config once.
+    sweeps = {r.data.tags["cola_ray.baseline"]: r.data.tags.get("cola_ray.sweep", "probe") for r in parents}
+    assert sweeps == {"random init": "probe", "COLA frozen": "probe", "supervised": "finetune",
+                      "COLA fine-tuned": "finetune"}
+    assert mlflow.search_runs([exp.experiment_id], "tags.`cola_ray.kind` = 'report'")
+
+    # Resubmitted, the suite finds every cell finished and runs none again.
+    submission_id = _submit(ray_head, "jobs/downstream.py", "jobs/configs/downstream-smoke.yaml", *overrides)
+    logs = ray_head_client(ray_head).get_job_logs(submission_id)
+    assert logs.count("already in 'cola-ray-downstream-smoke', skipped") == 4, logs
+    assert len(mlflow.search_runs([exp.experiment_id], "tags.`cola_ray.kind` = 'sweep'")) == 4
+
+
+def ray_head_client(head: Head):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)

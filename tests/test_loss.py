@@ -103,3 +103,29 @@ def test_bad_arguments(z):
         cola_loss(za, zp, similarity="dot", W=W)
     with pytest.raises(ValueError, match=r"\(B, P\)"):
         cola_loss(za, zp[:3], similarity="cosine")
+
+
+@pytest.mark.parametrize("similarity", ["bilinear", "cosine"])
+def test_same_clip_candidates_are_masked_by_hand(z, similarity):
+    """Pairs 0 and 2 share a clip: row 0 loses candidate 2 and row 2 candidate 0, by hand."""
+    za, zp, W = z
+    ids = np.arange(B)
+    ids[2] = ids[0]
+    s = np_logits(za, zp, W, similarity, 0.2)
+    allowed = ids[:, None] != ids[None, :]
+    np.fill_diagonal(allowed, True)  # its own positive always stays
+    s_masked = np.where(allowed, s, -np.inf)
+    ref = -np.mean([s_masked[i, i] - np.log(np.exp(s_masked[i][allowed[i]]).sum()) for i in range(B)])
+    ref_acc = np.mean(s_masked.argmax(1) == np.arange(B))
+    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    loss, acc = cola_loss(t(za), t(zp), similarity=similarity, W=t(W), temperature=0.2,
+                          clip_ids=torch.tensor(ids))
+    np.testing.assert_allclose(loss.item(), ref, rtol=1e-5)
+    assert acc.item() == pytest.approx(ref_acc)
+    # Distinct ids mask nothing: the paper's loss exactly.
+    plain, _ = cola_loss(t(za), t(zp), similarity=similarity, W=t(W), temperature=0.2)
+    distinct, _ = cola_loss(t(za), t(zp), similarity=similarity, W=t(W), temperature=0.2,
+                            clip_ids=torch.arange(B))
+    assert distinct.item() == plain.item() and abs(loss.item() - plain.item()) > 1e-6
+    with pytest.raises(ValueError, match="clip_ids must be"):
+        cola_loss(t(za), t(zp), similarity=similarity, W=t(W), clip_ids=torch.arange(B + 1))

@@ -46,6 +46,13 @@ RUN_TIMEOUT_S = 480
 MAX_STEPS = 30
 CKPT_EVERY = 5
 KILL_AFTER_CHECKPOINT = 10
+# The GCS marks a node dead after `threshold` failed health checks, each failing when the
+# raylet does not answer within `timeout`. Ray's defaults (3 s period, 10 s timeout, 5
+# failures) mark a live raylet dead when four raylets share two busy cores; here a check
+# may wait 60 s for an answer, while a killed raylet (connection refused at once) is still
+# found dead within ~10 checks x 1 s.
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "60000",
+                 "RAY_health_check_failure_threshold": "10"}
 
 
 def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_path):
@@ -72,7 +79,7 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
         # /tmp/ray, where other Rays on this machine would find it and follow it.
         proc = subprocess.Popen([sys.executable, __file__, json.dumps(args)], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_TMPDIR": ray_tmp})
+                                env={**os.environ, "RAY_TMPDIR": ray_tmp, **HEALTH_CHECKS})
         try:
             output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:

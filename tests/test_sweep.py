@@ -169,8 +169,16 @@ def test_sweep_yaml_reads_the_environment_and_refuses_unknown_keys(monkeypatch):
     assert settings["num_samples"] == 3 and settings["epoch_choices"] == [5, 10]
     assert settings["max_concurrent"] == 1 and settings["experiment"] == "cola-ray-downstream"
     assert settings["tracking_uri"] == "sqlite:////tmp/cola-ray/mlflow.db"
-    with pytest.raises(ConfigError, match="unknown sweep key 'epochs'"):
+    assert settings["mode"] == "probe"
+    with pytest.raises(ConfigError, match="unknown key 'epochs' for a probe sweep"):
         load_sweep_config(SWEEP_YAML, ["epochs=5"])
+    # Fine-tuning's sweep takes its own keys, and refuses the probe's embedding ones.
+    tuned = load_sweep_config(SWEEP_YAML, ["mode=finetune", "from_scratch=true", "num_workers=2"])
+    assert tuned["mode"] == "finetune" and tuned["from_scratch"] is True and tuned["num_workers"] == 2
+    with pytest.raises(ConfigError, match="unknown key 'from_scratch' for a probe sweep"):
+        load_sweep_config(SWEEP_YAML, ["from_scratch=true"])
+    with pytest.raises(ConfigError, match="'mode' must be one of probe, finetune"):
+        load_sweep_config(SWEEP_YAML, ["mode=grid"])
     monkeypatch.delenv("COLA_TASK")
     with pytest.raises(ConfigError, match="'task' is required"):
         load_sweep_config(SWEEP_YAML)

@@ -1,0 +1,67 @@
+"""The downstream suite's config and its failure handling (the full suite runs as a job in
+tests/test_jobs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cola_ray.config import ConfigError
+from cola_ray.suite import load_suite_config, run_suite
+from factories import hand_made_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "jobs" / "configs" / "downstream-smoke.yaml"
+
+
+def test_suite_config_reads_sections_and_overrides(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = load_suite_config(SMOKE, ["encoder_ref=random:test_efficientnet", "probe.num_samples=5",
+                                         "finetune.epoch_choices=[1, 3]", "columns=[COLA frozen]"])
+    assert settings["encoder_ref"] == "random:test_efficientnet" and settings["tasks"] == ["synthetic"]
+    assert settings["probe"]["num_samples"] == 5 and settings["probe"]["max_concurrent"] == 1
+    assert settings["finetune"]["epoch_choices"] == [1, 3]
+    assert settings["columns"] == ["COLA frozen"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "'encoder_ref' is required"),
+    (["encoder_ref=x", "epochs=3"], "unknown suite key 'epochs'"),
+    (["encoder_ref=x", "probe.epochs=3"], "unknown suite key 'probe.epochs'"),
+    (["encoder_ref=x", "finetune.num_actors=2"], "unknown suite key 'finetune.num_actors'"),
+    # The suite sets these per cell: a section may not.
+    (["encoder_ref=x", "probe.baseline=supervised"], "unknown suite key 'probe.baseline'"),
+    (["encoder_ref=x", "columns=[COLA frozen, linear]"], "columns must be among"),
+])
+def test_suite_config_refuses_what_it_does_not_know(overrides, message, monkeypatch):
+    monkeypatch.delenv("COLA_ENCODER", raising=False)
+    with pytest.raises(ConfigError, match=message):
+        load_suite_config(SMOKE, overrides)
+
+
+def test_unresolvable_encoder_fails_before_any_work(tmp_path):
+    with pytest.raises(Exception, match="nope"):
+        run_suite(str(tmp_path / "nope"), ["synthetic"], storage_path=str(tmp_path / "runs"),
+                  tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_cell_is_named_and_the_others_go_on(ray_local, tmp_path):
+    """Two tasks, one without shards: its cell fails naming the path, the other still runs,
+    the report is written from what finished, and the suite raises at the end."""
+    from factories import labelled_task
+
+    encoder = hand_made_checkpoint(tmp_path / "ckpt")
+    good = labelled_task(tmp_path / "good", ["tones", "chirps"], n_clips=16, name="good", max_samples=8)
+    lines = []
+    with pytest.raises(RuntimeError, match=r"1 cell\(s\) of the suite failed: .*missing-task / COLA frozen"):
+        run_suite(encoder, [{"shards": str(tmp_path / "missing-task")}, {"shards": str(good / "shards")}],
+                  columns=["COLA frozen"],
+                  probe={"num_samples": 1, "epoch_choices": [2], "verbose": 0, "cache_dir": str(tmp_path / "cache")},
+                  experiment="suite-failures", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                  storage_path=str(tmp_path / "runs"), report_dir=str(tmp_path / "report"), echo=lines.append)
+    assert any("missing-task / COLA frozen FAILED" in line and "missing-task" in line for line in lines)
+    assert any(line.startswith("[suite] good / COLA frozen: test accuracy") for line in lines)
+    assert "| good |" in (tmp_path / "report" / "report.md").read_text()
