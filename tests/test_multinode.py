@@ -12,10 +12,11 @@ restarts the workers there from the last checkpoint in S3 and the run finishes. 
 placement (Ray state API, node ids), the final step, no step lost, and that the global
 step never went back by more than two checkpoint intervals (MLflow metric history).
 
-Opt-in (``COLA_RAY_MULTINODE=1``): four raylets, a moto S3 and an MLflow server on
-two shared cores miss Ray's node heartbeats often enough that this test failed 3 of 5
-runs here for reasons outside cola-ray (a node marked dead under load). It is run by
-hand, not in CI, until it can be made to hold on a 2-core machine.
+Opt-in (``COLA_RAY_MULTINODE=1``, about 2 minutes). With Ray's default node health checks,
+four raylets, a moto S3 and an MLflow server on two shared cores missed heartbeats often
+enough that this test failed 3 of 5 runs (a live node marked dead under load); with the
+relaxed checks of :data:`HEALTH_CHECKS` it passed its last 2 runs, one inside a full suite.
+It stays out of the default run for CI's 20-minute budget on 2 cores.
 
 The cluster runs in a subprocess (this file run as a script) so that it never meets the
 session's ``ray_local`` in the pytest process; the subprocess shuts the cluster down in
@@ -38,7 +39,7 @@ import pytest
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("COLA_RAY_MULTINODE") != "1",
-                       reason="opt-in: COLA_RAY_MULTINODE=1 (flaky on 2 shared cores, see module docstring)"),
+                       reason="opt-in: COLA_RAY_MULTINODE=1 (2 minutes; out of CI's time budget, see module docstring)"),
 ]
 
 BIN = Path(sys.executable).parent
