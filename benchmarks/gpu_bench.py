@@ -35,6 +35,21 @@ import time
 from pretrain_bench import print_table
 
 
+def measure(step, batch: int, rate_key: str, args) -> dict:
+    """One timed first call (compilation, cuDNN autotune), then the steady state of ``step``:
+    ``{rate_key: batch items/s, "ms": per step, "mem_gib": peak allocated, "first_s"}``."""
+    import torch
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, args.iters, args.warmup, args.repeats)
+    return {rate_key: batch / sec, "ms": sec * 1000, "mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "first_s": first}
+
+
 def timed(step, iters: int, warmup: int, repeats: int) -> float:
     """Median seconds per call of ``step`` over ``repeats`` runs of ``iters`` calls."""
     import torch
@@ -75,14 +90,7 @@ def encoder_case(name: str, batch: int, bf16: bool, channels_last: bool, compile
         loss.backward()
         opt.step()
 
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, args.iters, args.warmup, args.repeats)
-    return {"samples_s": batch / sec, "ms": sec * 1000, "mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "first_s": first}
+    return measure(step, batch, "samples_s", args)
 
 
 def full_step_case(name: str, batch: int, compile_: bool, args) -> dict:
@@ -106,14 +114,7 @@ def full_step_case(name: str, batch: int, compile_: bool, args) -> dict:
         loss.backward()
         opt.step()
 
-    t0 = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, args.iters, args.warmup, args.repeats)
-    return {"pairs_s": batch / sec, "ms": sec * 1000, "mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "first_s": first}
+    return measure(step, batch, "pairs_s", args)
 
 
 def logmel_case(batch: int, args) -> dict:

@@ -39,7 +39,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from cola_ray import cluster, finetune, tracking
+from cola_ray import cluster, finetune, storage, tracking
 from cola_ray.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, log_metrics,
                             log_params, open_tracking)
 from cola_ray.sweep import PARENT_TAG, SweepResult, TrialRuns, _close_children
@@ -123,7 +123,7 @@ def finetune_sweep(
     space = {"lr": tune.loguniform(*lr_range), "weight_decay": tune.choice(list(weight_decay_choices)),
              "epochs": tune.choice([int(e) for e in epoch_choices]), "batch_size": batch_size, "seed": seed}
     callback = TrialRuns(uri, exp_id, parent_id, run_name, metrics=TRIAL_METRICS)
-    root = storage_path if storage_path.startswith("s3://") else os.path.abspath(storage_path)
+    root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
     trainer = {"name": run_name, "tracking_uri": uri, "storage_path": root, "num_workers": num_workers,
                "use_gpu": use_gpu, "decode_num_cpus": decode_num_cpus}
     status = "FAILED"
