@@ -49,6 +49,10 @@ class DataConfig:
     """Gaussian noise on the positive only; the authors' code uses 0.001."""
     pairs_per_clip: int = 1
     """Independent pairs cut from one decode (1 = the paper)."""
+    block_pairs: int = 512
+    """Pairs a decode task stacks into one Ray Data block ((block_pairs, S) arrays: 64 MB of
+    float32 pairs at 512 x 15600): Ray Data's per-block cost (~8 ms) is paid once per block,
+    not per pair. Smaller blocks suit a small object store."""
     decode: str = "full"
     """``full``: decode the whole clip, then crop (exact paper semantics). ``seek``: read only
     the crops' frames (WAV / FLAC / Vorbis at ``sample_rate``; other clips fall back to full);
@@ -150,6 +154,15 @@ class TrainConfig:
     step_timeout_s: float = 600.0
     """Watchdog: a rank that waits longer than this for its next batch fails the step, naming
     itself (a collective waits twice this); 0 = off (Ray's 30-minute barrier)."""
+    compile: str = ""
+    """``torch.compile`` the model's forward (log-mel + encoder + head + loss): ``""`` off,
+    else the inductor mode (``default``, ``reduce-overhead``, ``max-autotune``); ``eager``
+    runs the compile machinery without code generation (a check, not a speed-up).
+    Checkpoints hold the plain module's weights either way."""
+    pin_memory: bool = True
+    """On GPU: pin host batches so Ray's copy to the device is non-blocking (no effect on CPU)."""
+    prefetch_batches: int = 1
+    """Batches each training worker's iterator prepares ahead of the step (Ray's default 1)."""
 
 
 @dataclass
@@ -239,10 +252,17 @@ class Config:
             raise ConfigError(f"model.similarity must be 'bilinear' or 'cosine', got {m.similarity!r}")
         if d.short_clips not in ("pad", "skip"):
             raise ConfigError(f"data.short_clips must be 'pad' or 'skip', got {d.short_clips!r}")
+        if t.prefetch_batches < 0:
+            raise ConfigError(f"train.prefetch_batches must be >= 0, got {t.prefetch_batches}")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
         if d.pairs_per_clip < 1:
             raise ConfigError(f"data.pairs_per_clip must be >= 1, got {d.pairs_per_clip}")
+        if d.block_pairs < 1:
+            raise ConfigError(f"data.block_pairs must be >= 1, got {d.block_pairs}")
+        if t.compile not in ("", "default", "reduce-overhead", "max-autotune", "eager"):
+            raise ConfigError(f"train.compile must be '' (off), default, reduce-overhead, max-autotune "
+                              f"or eager, got {t.compile!r}")
         if d.decode not in ("full", "seek"):
             raise ConfigError(f"data.decode must be 'full' or 'seek', got {d.decode!r}")
         if d.cache_dir and d.cache_max_bytes <= 0:

@@ -36,6 +36,9 @@ def test_overrides_and_round_trip(tmp_path):
     ("model.similarity=dot", "model.similarity"),
     ("train.batch_size=7", "train.batch_size"),
     ("nonsense", "nonsense"),
+    ("train.compile=fast", "train.compile"),
+    ("data.block_pairs=0", "data.block_pairs"),
+    ("train.prefetch_batches=-1", "train.prefetch_batches"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

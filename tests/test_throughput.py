@@ -121,6 +121,20 @@ def test_decode_and_crop_seek_matches_full_per_seed(tmp_path):
 
 # ---- k pairs and collisions ----------------------------------------------------------------
 
+def test_blocks_hold_the_same_pairs_as_rows(tmp_path):
+    """``read_pairs`` runs ``decode_and_crop_blocks``: the rows of ``decode_and_crop`` for
+    the same seed, stacked ``block_pairs`` at a time (the last block shorter)."""
+    url = write_shard(tmp_path / "s.tar", {f"c{j}": ("flac", encode(clip(seed=j), "FLAC", "PCM_16")) for j in range(4)})
+    cfg = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=3))
+    rows = list(pipeline.decode_and_crop({"shard": url, "seed": 3}, cfg))
+    blocks = list(pipeline.decode_and_crop_blocks({"shard": np.array([url]), "seed": np.array([3])}, cfg))
+    assert [len(b["clip_id"]) for b in blocks] == [3, 3, 2]
+    for name in ("anchor", "positive", "clip_id"):
+        stacked = np.concatenate([b[name] for b in blocks])
+        np.testing.assert_array_equal(stacked, np.stack([r[name] for r in rows]))
+    assert blocks[0]["anchor"].shape == (3, SEG) and blocks[0]["anchor"].dtype == np.float32
+
+
 def test_k_pairs_come_from_the_same_clip(tmp_path):
     tones = {f"t{f}": ("wav", encode(0.5 * np.sin(2 * np.pi * f * np.arange(2 * RATE) / RATE).astype(np.float32),
                                      "WAV", "PCM_16")) for f in (300, 700, 1300)}
@@ -268,8 +282,10 @@ def test_read_pairs_with_seek_and_with_cache(ray_local, tmp_path):
         write_shard(tmp_path / "shards" / f"shard-{i:06d}.tar",
                     {f"s{i}c{j}": ("flac", encode(clip(seed=3 * i + j), "FLAC", "PCM_16")) for j in range(3)})
     for kw in ({"decode": "seek"}, {"cache_dir": str(tmp_path / "cache")}, {"cache_dir": str(tmp_path / "cache")}):
-        data = DataConfig(shards=str(tmp_path / "shards"), decode_num_cpus=0.5, pairs_per_clip=2, **kw)
-        rows = list(pipeline.read_pairs(data).iter_rows())
+        data = DataConfig(shards=str(tmp_path / "shards"), decode_num_cpus=0.5, pairs_per_clip=2, block_pairs=4, **kw)
+        ds = pipeline.read_pairs(data)
+        assert sorted(len(b["clip_id"]) for b in ds.iter_batches(batch_size=None)) == [2, 2, 4, 4], kw  # block per yield
+        rows = list(ds.iter_rows())
         assert len(rows) == 12, kw
         for r in rows:
             assert r["anchor"].shape == (SEG,) and r["positive"].shape == (SEG,) and r["anchor"].dtype == np.float32
