@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import uuid
@@ -105,6 +106,37 @@ def read_state(folder: str | Path) -> TrainState:
     """The train state of a checkpoint folder (``FileNotFoundError`` if it is not one)."""
     state, _ = _read_state(Path(folder))
     return state
+
+
+def checkpoint_folders(run_dir: str, endpoint_url: str = "", region: str = "") -> list[tuple[int, str]]:
+    """``(step, folder)`` of every ``checkpoint_<step>`` under ``run_dir`` (local or s3://)
+    that has its ``state.json`` (written last), newest first; [] when there is none."""
+    from cola_ray import storage
+
+    try:
+        states = storage.list_files(run_dir, STATE_FILE, endpoint_url, region)
+    except FileNotFoundError:
+        return []
+    found = []
+    for url in states:
+        folder = url.rsplit("/", 1)[0]
+        m = re.fullmatch(r"checkpoint_(\d+)", folder.rsplit("/", 1)[-1])
+        if m:
+            found.append((int(m.group(1)), folder))
+    return sorted(found, reverse=True)
+
+
+def read_state_at(folder: str, endpoint_url: str = "", region: str = "") -> TrainState:
+    """:func:`read_state` of a folder that may be in S3 (reads ``state.json`` only)."""
+    from cola_ray import storage
+
+    url = f"{folder.rstrip('/')}/{STATE_FILE}"
+    try:
+        raw = json.loads(storage.read_bytes(url, endpoint_url, region))
+        raw.pop("files", None)
+        return TrainState(**raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{url} is not a valid checkpoint state: {e}") from None
 
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module,

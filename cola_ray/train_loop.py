@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import queue
-import re
 import tempfile
 import threading
 import time
@@ -35,7 +34,7 @@ import torch
 
 from cola_ray import distributed, storage
 from cola_ray.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
-                                 load_checkpoint, read_state, save_checkpoint)
+                                 checkpoint_folders, load_checkpoint, read_state, save_checkpoint)
 from cola_ray.config import Config
 from cola_ray.pipeline import check_budget, collision_rate
 from cola_ray.tracking import SpooledLogger, redact
@@ -100,7 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if run.get("run_dir"):  # a newer checkpoint Ray had not registered when a worker died
         restored = _load_newer(run["run_dir"], cfg, core, optimizer, run["mlflow_run_id"], ray_step) or restored
     if restored is not None:
-        _check_resume(restored, cfg, world)
+        check_resume(restored, cfg, world)
         state.step, state.epoch = restored.step, restored.epoch
     # Every rank must start from the same step (they read the same folders; check it).
     steps = torch.tensor([float(state.step), -float(state.step)], device=device)
@@ -263,17 +262,9 @@ def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: tor
     every file checks out against its state.json (a partial upload is refused, untouched).
     """
     ends = (cfg.data.s3_endpoint_url, cfg.data.s3_region)
-    try:
-        states = storage.list_files(run_dir, STATE_FILE, *ends)
-    except FileNotFoundError:
-        return None
-    found = []
-    for url in states:
-        folder = url.rsplit("/", 1)[0]
-        m = re.fullmatch(r"checkpoint_(\d+)", folder.rsplit("/", 1)[-1])
-        if m and int(m.group(1)) > after_step:
-            found.append((int(m.group(1)), folder))
-    for step, folder in sorted(found, reverse=True):
+    for step, folder in checkpoint_folders(run_dir, *ends):
+        if step <= after_step:
+            break
         with tempfile.TemporaryDirectory(prefix="cola-restore-") as tmp:
             try:
                 local = folder
@@ -294,7 +285,7 @@ def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: tor
     return None
 
 
-def _check_resume(restored: TrainState, cfg: Config, world: int) -> None:
+def check_resume(restored: TrainState, cfg: Config, world: int) -> None:
     """The number of negatives is the global batch (gathered) or the per-worker batch (not
     gathered): a resume must not change it silently. Another world size is fine when
     negatives are gathered: the per-worker batch follows, the objective stays."""

@@ -24,7 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cola_ray import cluster, storage, tracking
 from cola_ray.config import Config, ConfigError
 from cola_ray.pipeline import SampleCounter, list_shards, read_pairs
-from cola_ray.train_loop import train_loop_per_worker
+from cola_ray.checkpoint import CheckpointError, checkpoint_folders, read_state_at
+from cola_ray.train_loop import check_resume, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     fs, root = _storage(cfg)
     name = _run_name(cfg, fs, root)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{name}"
+    _check_resume_early(cfg, run_dir if storage.is_s3(run_dir) else os.path.join(root, name))
 
     cluster.connect(cfg.ray_address)
     # Per-epoch progress bars of the streaming split drown the log; MLflow has the progress.
@@ -113,6 +115,24 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
         ckpt = "s3://" + ckpt.lstrip("/")
     echo(f"Done: {name}, last checkpoint {ckpt}")
     return FitResult(name, run_dir, uri, run_id, ckpt, dict(result.metrics or {}), resumed)
+
+
+def _check_resume_early(cfg: Config, run_dir: str) -> None:
+    """Refuse, before Ray Train starts any worker, a resume that would change the number of
+    negatives (the workers check it again on every restore). Names the checkpoint."""
+    ends = (cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    newest = checkpoint_folders(run_dir, *ends)
+    if not newest:
+        return
+    folder = newest[0][1]
+    try:
+        state = read_state_at(folder, *ends)
+    except (CheckpointError, OSError):
+        return  # not readable now: the workers restore what checks out and say what they skip
+    try:
+        check_resume(state, cfg, cfg.train.num_workers)
+    except ValueError as e:
+        raise ConfigError(f"cannot resume {folder}: {e}") from None
 
 
 def _spool_dir(cfg: Config, name: str) -> str:

@@ -302,7 +302,9 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
     encoder = hand_made_checkpoint(tmp_path / "ckpt")
     db, report_dir = tmp_path / "mlflow.db", tmp_path / "report"
     overrides = (f"encoder_ref={encoder}", f"tracking_uri=sqlite:///{db}", f"storage_path={tmp_path / 'runs'}",
-                 f"report_dir={report_dir}", f"probe.cache_dir={tmp_path / 'cache'}")
+                 f"report_dir={report_dir}", f"probe.cache_dir={tmp_path / 'cache'}",
+                 # Smaller than the shipped smoke config (CI's time budget): one probe trial, one epoch.
+                 "probe.num_samples=1", "finetune.epoch_choices=[1]")
     _submit(ray_head, "jobs/downstream.py", "jobs/configs/downstream-smoke.yaml", *overrides)
 
     with open(report_dir / "report.csv", newline="") as f:

@@ -78,7 +78,7 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     from mlflow.tracking import MlflowClient
     from services import start_mlflow_server, stop_process_group
 
-    from cola_ray import shards, synthetic
+    from cola_ray import shards, storage, synthetic
 
     tag = uuid.uuid4().hex[:12]
     canaries = {
@@ -123,7 +123,10 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
             pytest.fail("run timed out:\n" + stderr.decode(errors="replace")[-6000:])
         assert proc.returncode == 0, stderr.decode(errors="replace")[-8000:]
         res = json.loads(out.read_text())
-        assert res["checkpoint"].endswith("checkpoint_000000004")
+        # Also the S3 pre-training path: shards read from the bucket, checkpoints written there.
+        assert res["checkpoint"] == f"{s3_bucket}/runs/secret-run/checkpoint_000000004"
+        ckpt_files = storage.list_files(res["checkpoint"], suffix="")
+        assert {f.rsplit("/", 1)[1] for f in ckpt_files} >= {"model.safetensors", "optimizer.pt", "state.json"}
 
         places: dict[str, bytes] = {"stdout": stdout, "stderr": stderr}
         # MLflow: the run's params, tags, metric keys, experiment; every artifact.

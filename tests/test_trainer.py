@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
 import mlflow
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cola_ray import shards, synthetic
+from cola_ray.config import ConfigError
 from cola_ray.trainer import fit
 from factories import tiny_config as tiny
 
@@ -56,34 +61,21 @@ def test_pretrain_learns_logs_and_resumes(ray_local, corpus_shards, tmp_path, ml
     assert sorted(steps) == list(range(1, 45)), "no step lost or logged twice"
     assert again.checkpoint.endswith("checkpoint_000000044")
 
-
-def test_resume_true_picks_latest_run_and_refuses_other_global_batch(ray_local, corpus_shards, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = fit(tiny(tmp_path, corpus_shards, uri, "train.max_steps=3", "train.log_every_steps=3"),
-                echo=lambda *_: None)
-    again = fit(tiny(tmp_path, corpus_shards, uri, "resume=true", "train.max_steps=5", "train.log_every_steps=1"),
-                echo=lambda *_: None)
-    assert again.run_name == first.run_name and again.mlflow_run_id == first.mlflow_run_id
-    steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(first.mlflow_run_id, "loss"))
-    assert steps == [3, 4, 5]
-    with pytest.raises(Exception, match="global batch"):
-        fit(tiny(tmp_path, corpus_shards, uri, "resume=true", "train.max_steps=8", "train.batch_size=8"),
+    # resume=true without a name: the run whose newest checkpoint is the latest (not an older run).
+    older = tmp_path / "runs" / "run-old" / "checkpoint_000000010"
+    shutil.copytree(again.checkpoint, older)
+    os.utime(older, (time.time() - 3600, time.time() - 3600))
+    latest = fit(tiny(tmp_path, corpus_shards, mlflow_server, "resume=true", "train.max_steps=46"),
+                 echo=lambda *_: None)
+    assert latest.run_name == "run-a" and latest.mlflow_run_id == first.mlflow_run_id
+    steps = [m.step for m in client.get_metric_history(first.mlflow_run_id, "loss")]
+    assert sorted(steps) == list(range(1, 47))
+    # A resume that would change the number of negatives is refused on the driver, naming the
+    # checkpoint, before any training worker starts.
+    with pytest.raises(ConfigError, match="global batch") as err:
+        fit(tiny(tmp_path, corpus_shards, mlflow_server, "resume=true", "train.max_steps=48", "train.batch_size=8"),
             echo=lambda *_: None)
-
-
-def test_pretrain_from_s3_with_checkpoints_in_s3(ray_local, s3_bucket, tmp_path):
-    """Shards read from S3 and checkpoints written to S3 (moto's server on 127.0.0.1)."""
-    from cola_ray import storage
-
-    synthetic.make_corpus(tmp_path / "clips", n_clips=24, seconds=2.0, seed=2)
-    shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", max_samples=8, progress=False)
-    cfg = tiny(tmp_path, f"{s3_bucket}/shards", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               f"storage_path={s3_bucket}/runs", "name=s3-run", "train.max_steps=4",
-               "train.checkpoint_every_steps=2", "tracking.log_checkpoints=false", "tracking.log_model=false")
-    result = fit(cfg, echo=lambda *_: None)
-    assert result.checkpoint == f"{s3_bucket}/runs/s3-run/checkpoint_000000004"
-    files = storage.list_files(result.checkpoint, suffix="")
-    assert {f.rsplit("/", 1)[1] for f in files} >= {"model.safetensors", "optimizer.pt", "state.json"}
+    assert "run-a/checkpoint_000000046" in str(err.value)
 
 
 def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
