@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  per core = pairs/s / decode tasks allowed at once (concurrency); pairs/CPU-s = pairs per CPU-second "
               "used by the whole process tree (driver + raylet + GCS + Ray workers)")
         print("  1st batch s = median seconds from starting an execution to its first batch of 64 (includes the "
-              "random_shuffle of shard names, an all-to-all stage, unless shuffle_shards=false)")
+              "randomize_block_order of the shard list, unless shuffle_shards=false)")
         print("  the baseline runs with 1 BLAS thread (a Ray task with num_cpus=1 gets OMP_NUM_THREADS=1)")
 
     if train:
