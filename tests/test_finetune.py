@@ -126,7 +126,7 @@ def test_finetune_logs_one_run_with_curves_and_test_once(tuned, store):
     assert params["from_scratch"] == "False" and params["classes"] == "3" and params["epochs"] == "2"
     for key in ("train_loss", "epoch_val_accuracy"):
         history = client.get_metric_history(tuned.run_id, key)
-        assert sorted(m.step for m in history) == [1] and all(np.isfinite(m.value) for m in history)
+        assert sorted(m.step for m in history) == [1, 2] and all(np.isfinite(m.value) for m in history)
     assert [h["epoch"] for h in tuned.history] == [1, 2]
     # Test is evaluated once, with the best validation epoch's weights.
     assert len(client.get_metric_history(tuned.run_id, "test_accuracy")) == 1
