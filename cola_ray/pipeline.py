@@ -257,8 +257,8 @@ def decode_and_crop_blocks(
 
     Why blocks: a row-at-a-time ``flat_map`` cost Ray Data ~0.13 ms of CPU per pair
     (building blocks out of per-row dicts), as much as decoding when the decode is cheap
-    (WAV, seek, the cache); stacked blocks cost ~0.07 ms per pair including the stacking
-    copy (2-core machine, ``benchmarks/pipeline_bench.py``).
+    (WAV, seek, the cache); stacked blocks cost ~0.07-0.15 ms per pair including the
+    stacking copy (2-core machine, ``benchmarks/pipeline_bench.py``).
     """
     row = {name: column[0] for name, column in batch.items()}
     n = int(cfg.get("block_pairs", DataConfig.block_pairs))

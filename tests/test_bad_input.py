@@ -123,6 +123,38 @@ def test_too_many_workers_for_a_fixed_cluster(ray_local, tmp_path, small_shards)
 
 
 @pytest.mark.slow
+def test_an_autoscaler_config_counts_node_types_not_up_yet(ray_local, tmp_path, small_shards):
+    """An autoscaling cluster (autoscaler v2, KubeRay) publishes its node types in the GCS:
+    internal KV ``__autoscaler_cluster_config`` in namespace ``__autoscaler``, a serialized
+    ``autoscaler_pb2.ClusterConfig``. Planted here in this Ray's real GCS as the autoscaler
+    writes it (and removed after): a request that only a node type not up yet can serve
+    passes, however many workers; one no launchable type can serve fails naming that."""
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 96, "GPU": 8, "gpu-node": 1}, max_count=2),
+        autoscaler_pb2.NodeGroupConfig(name="decode", resources={"CPU": 64, "decode-node": 1}, max_count=8),
+        autoscaler_pb2.NodeGroupConfig(name="off", resources={"CPU": 8, "tpu": 4}, max_count=0),  # never launched
+    ])
+    key, namespace = raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    on_gpu_nodes = ("train.use_gpu=true", "train.resources_per_worker={gpu-node: 0.125}",
+                    "data.decode_resources={decode-node: 1}", "train.num_workers=16", "train.batch_size=32")
+    with pytest.raises(ResourceError, match="gpu-node"):  # this cluster's live nodes have none
+        check_resources(cfg_with(tmp_path, small_shards, *on_gpu_nodes))
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=namespace)
+    try:
+        check_resources(cfg_with(tmp_path, small_shards, *on_gpu_nodes))
+        with pytest.raises(ResourceError, match=r"tpu.*any node type the autoscaler may launch"):
+            check_resources(cfg_with(tmp_path, small_shards, "train.resources_per_worker={tpu: 1}"))
+    finally:
+        _internal_kv_del(key, namespace=namespace)
+    with pytest.raises(ResourceError, match="gpu-node"):  # gone again: the live nodes count
+        check_resources(cfg_with(tmp_path, small_shards, *on_gpu_nodes))
+
+
+@pytest.mark.slow
 def test_fit_checks_resources_before_training_and_switch_turns_it_off(ray_local, tmp_path, small_shards,
                                                                       monkeypatch):
     from mlflow.tracking import MlflowClient
