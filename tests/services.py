@@ -55,6 +55,29 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+def kill_session(sid: int) -> list[int]:
+    """SIGKILL every process left in session ``sid`` (a child started with
+    ``start_new_session=True`` has ``sid == child.pid``); returns their PIDs. Ray's workers
+    leave their parent's process group (setpgid) but not its session, so a process-group
+    kill misses them; a worker still alive after its Ray is gone is found here."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == sid:  # field 6 of stat, the session id
+            found.append(int(entry))
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return found
+
+
 def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None = None,
                         timeout: float = 90) -> tuple[subprocess.Popen, str]:
     """A real ``mlflow server`` on 127.0.0.1: sqlite store and log in ``root``, served artifacts

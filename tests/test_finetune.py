@@ -26,6 +26,7 @@ from cola_ray.finetune import (build_encoder, decode_and_crop_labelled, default_
                                train_labels)
 from cola_ray.report import report
 from factories import hand_made_checkpoint, labelled_task
+from services import kill_session
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-finetune"
@@ -178,10 +179,19 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
         "    'best_config': r.best_config, 'test_accuracy': r.test_accuracy}))\n"
     )
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rft-", dir="/tmp")}
-    done = subprocess.run([sys.executable, "-c", script, checkpoint, str(task / "shards"), experiment, store["uri"],
-                           str(tmp_path / "sweeps")], capture_output=True, text=True, timeout=480, env=env,
-                          cwd=tmp_path, start_new_session=True)
-    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, checkpoint, str(task / "shards"), experiment,
+                             store["uri"], str(tmp_path / "sweeps")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=480)
+    finally:
+        # Whatever that Ray left (a finished trial's TrainController once outlived it): stopped by PID.
+        leftovers = kill_session(proc.pid)
+        proc.wait(timeout=30)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    if leftovers:
+        print(f"fine-tune sweep: killed {len(leftovers)} process(es) left by its Ray: {leftovers}")
+    done = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = SimpleNamespace(**json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
     client = MlflowClient(store["uri"])
