@@ -131,12 +131,8 @@ def read_state_at(folder: str, endpoint_url: str = "", region: str = "") -> Trai
     from cola_ray import storage
 
     url = f"{folder.rstrip('/')}/{STATE_FILE}"
-    try:
-        raw = json.loads(storage.read_bytes(url, endpoint_url, region))
-        raw.pop("files", None)
-        return TrainState(**raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{url} is not a valid checkpoint state: {e}") from None
+    state, _ = _parse_state(storage.read_bytes(url, endpoint_url, region), url)
+    return state
 
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module,
@@ -186,12 +182,17 @@ def _read_state(folder: Path) -> tuple[TrainState, dict[str, dict[str, Any]]]:
     path = folder / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"not a cola-ray checkpoint (no {STATE_FILE}): {folder}")
+    return _parse_state(path.read_bytes(), path)
+
+
+def _parse_state(data: bytes, where: str | Path) -> tuple[TrainState, dict[str, dict[str, Any]]]:
+    """``state.json`` bytes -> (train state, file digests); ``where`` names it in errors."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
         digests = raw.pop("files", {})  # absent in checkpoints from before digests
         return TrainState(**raw), digests
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid checkpoint state: {e}") from None
+        raise CheckpointError(f"{where} is not a valid checkpoint state: {e}") from None
 
 
 def _read_checked(path: Path, digests: dict[str, dict[str, Any]]) -> bytes:

@@ -55,7 +55,9 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     fs, root = _storage(cfg)
     name = _run_name(cfg, fs, root)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{name}"
-    _check_resume_early(cfg, run_dir if storage.is_s3(run_dir) else os.path.join(root, name))
+    # Where this run's checkpoints are, as the driver and the workers read them.
+    checkpoint_dir = run_dir if storage.is_s3(run_dir) else os.path.join(root, name)
+    _check_resume_early(cfg, checkpoint_dir)
 
     cluster.connect(cfg.ray_address)
     # Per-epoch progress bars of the streaming split drown the log; MLflow has the progress.
@@ -81,7 +83,7 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
             # Runtime facts of this run, kept out of the config on purpose.
             "run": {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter,
                     "spool_dir": spool_dir,
-                    "run_dir": run_dir if storage.is_s3(run_dir) else os.path.join(root, name)},
+                    "run_dir": checkpoint_dir},
         },
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo",
                                  timeout_s=_collective_timeout(cfg)),
