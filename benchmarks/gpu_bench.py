@@ -73,7 +73,7 @@ def encoder_case(name: str, batch: int, bf16: bool, channels_last: bool, compile
     import torch
 
     from cola_ray.config import ModelConfig
-    from cola_ray.encoder import create_backbone
+    from cola_ray.model.encoder import create_backbone
 
     torch.manual_seed(0)
     model = create_backbone(ModelConfig(encoder=name, drop_path_rate=0.0)).cuda().train()
@@ -97,7 +97,7 @@ def full_step_case(name: str, batch: int, compile_: bool, args) -> dict:
     import torch
 
     from cola_ray.config import FeatureConfig, ModelConfig
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     torch.manual_seed(0)
     model = ColaModel(FeatureConfig(), ModelConfig(encoder=name, channels_last=True)).cuda().train()
@@ -121,7 +121,7 @@ def logmel_case(batch: int, args) -> dict:
     import torch
 
     from cola_ray.config import FeatureConfig
-    from cola_ray.features import LogMel
+    from cola_ray.model.features import LogMel
 
     frontend = LogMel(FeatureConfig()).cuda()
     wave = torch.randn(2 * batch, 15600, device="cuda") * 0.01

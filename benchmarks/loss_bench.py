@@ -55,7 +55,7 @@ def gathered_step(x: dict[str, Any], rank: int = 0) -> float:
 
     import torch
 
-    from cola_ray import distributed, loss
+    from cola_ray.model import distributed, loss
 
     b = x["b_local"]
     za = x["za"][rank * b:(rank + 1) * b].clone().requires_grad_(True)
@@ -69,7 +69,7 @@ def gathered_step(x: dict[str, Any], rank: int = 0) -> float:
 
 
 def naive_step(x: dict[str, Any]) -> float:
-    from cola_ray import loss
+    from cola_ray.model import loss
 
     za = x["za"].clone().requires_grad_(True)
     zp = x["zp"].clone().requires_grad_(True)

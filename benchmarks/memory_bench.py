@@ -138,7 +138,7 @@ class Sampler(threading.Thread):
 def stream(shard_dir: Path, urls: list[str], multiple: float, store_bytes: int, k: int,
            step_s: float) -> dict[str, float]:
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import read_pairs
+    from cola_ray.data.pipeline import read_pairs
 
     clips_needed = int(multiple * store_bytes / PAIR_BYTES / k) + 1
     clips_per_pass = CLIPS
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cola-mem-bench-") as tmp:
         try:
             shard_dir = make_shards(Path(tmp), CLIPS, 10.0, CLIPS // 2)
-            from cola_ray import pipeline
+            from cola_ray.data import pipeline
             from cola_ray.config import DataConfig
 
             urls = pipeline.list_shards(DataConfig(shards=str(shard_dir)))

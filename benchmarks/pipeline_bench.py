@@ -72,7 +72,7 @@ def make_shards(workdir: Path, n_clips: int, seconds: float, per_shard: int) -> 
     """format -> shard paths; the same clips in each format (reused if already written)."""
     import soundfile as sf
 
-    from cola_ray import synthetic
+    from cola_ray.data import synthetic
 
     out: dict[str, list[str]] = {}
     n = int(seconds * RATE)
@@ -134,7 +134,7 @@ def single_run(urls: list[str], cfg: dict[str, Any], passes: int, min_seconds: f
     """decode_and_crop over the shards in this process, batches of 64 stacked: ``passes``
     passes, more until ``min_seconds`` have gone by. CPU = this thread's CPU time (the
     process also hosts Ray's driver threads, which are not this loop's work)."""
-    from cola_ray import pipeline
+    from cola_ray.data import pipeline
 
     with blas_threads(1):
         cpu0, t0 = time.thread_time(), time.perf_counter()
@@ -170,9 +170,9 @@ class NaivePairs:
         import soundfile as sf
         import torch
 
-        from cola_ray import audio
+        from cola_ray.data import audio
         from cola_ray.config import FeatureConfig
-        from cola_ray.features import LogMel
+        from cola_ray.model.features import LogMel
 
         if self.logmel is None:
             self.logmel = LogMel(FeatureConfig())
@@ -233,7 +233,7 @@ def ray_run(urls: list[str], path: str, k: int, passes: int, cache_dir: str = ""
     """read_pairs over ``passes`` x the shards, one decode task at a time; CPU = the whole
     process tree (driver incl. its Ray threads, raylet, GCS, Ray workers)."""
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import read_pairs
+    from cola_ray.data.pipeline import read_pairs
 
     data = DataConfig(shards=os.path.dirname(urls[0]), decode_num_cpus=1.0, decode_concurrency=1,
                       pairs_per_clip=k, decode="seek" if path == "seek" else "full", cache_dir=cache_dir)
@@ -249,7 +249,7 @@ def collision_table(quick: bool) -> list[list[str]]:
     """Same-clip collision rate per batch after Ray Data's local shuffle buffer, clip ids only."""
     import ray
 
-    from cola_ray.pipeline import collision_rate
+    from cola_ray.data.pipeline import collision_rate
 
     n_clips = 6000 if quick else 20000
     rows = []

@@ -166,7 +166,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def make_shards(workdir: Path, n_clips: int, seconds: float, per_shard: int) -> Path:
     """Synthetic clips -> FLAC WebDataset shards (reused when a complete build is there)."""
-    from cola_ray import shards, synthetic
+    from cola_ray.data import shards, synthetic
 
     out = workdir / f"shards-{n_clips}x{seconds:g}s-{per_shard}"
     manifest = out / shards.MANIFEST
@@ -189,7 +189,7 @@ BATCH_ROWS = 64
 
 def single_process_pass(urls: list[str], cfg: dict[str, Any], passes: int) -> dict[str, float]:
     """decode_and_crop over every shard, ``passes`` times, in this process; batches of 64."""
-    from cola_ray import pipeline
+    from cola_ray.data import pipeline
 
     with blas_threads(1):  # one core, as a Ray task with num_cpus=1 gets (OMP_NUM_THREADS=1)
         return _single_process_pass(pipeline, urls, cfg, passes)
@@ -228,7 +228,7 @@ def ray_data_run(shard_dir: Path, urls: list[str], concurrency: int, passes: int
     import ray
 
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import read_pairs
+    from cola_ray.data.pipeline import read_pairs
 
     data = DataConfig(shards=str(shard_dir), decode_num_cpus=1.0, decode_concurrency=concurrency,
                       shuffle_shards=shuffle)
@@ -273,7 +273,7 @@ def bare_loop(args: argparse.Namespace, pairs: tuple[np.ndarray, np.ndarray], ba
     import torch
 
     from cola_ray.config import load_config
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     cfg = load_config(None, model_overrides(args))
     threads = torch.get_num_threads()
@@ -306,7 +306,7 @@ def ray_train_run(args: argparse.Namespace, shard_dir: Path, workdir: Path, work
     from mlflow.tracking import MlflowClient
 
     from cola_ray.config import load_config
-    from cola_ray.trainer import fit
+    from cola_ray.train.trainer import fit
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(None, [
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_dir = make_shards(workdir, args.clips, args.seconds, args.per_shard)
         log(f"shards ready in {time.perf_counter() - t:.1f} s")
 
-        from cola_ray import pipeline
+        from cola_ray.data import pipeline
         from cola_ray.config import DataConfig
 
         urls = pipeline.list_shards(DataConfig(shards=str(shard_dir)))

@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "shards" and args.shards_command == "build":
-        from cola_ray.shards import build_shards
+        from cola_ray.data.shards import build_shards
 
         manifest = build_shards(args.src, args.out, labels_csv=args.labels, max_samples=args.max_samples,
                                 max_bytes=args.max_bytes, sample_rate=args.sample_rate,
@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(manifest['shards'])} shards, {n} samples at {args.out}")
         return 0
     if args.command == "shards" and args.shards_command == "verify":
-        from cola_ray.shards import verify_shards
+        from cola_ray.data.shards import verify_shards
 
         problems = verify_shards(args.path)
         for problem in problems:
@@ -183,14 +183,14 @@ def _run(args: argparse.Namespace) -> int:
         print("OK" if not problems else f"{len(problems)} problem(s)")
         return 1 if problems else 0
     if args.command == "tasks" and args.tasks_command == "list":
-        from cola_ray.tasks import TASKS
+        from cola_ray.data.tasks import TASKS
 
         for task in TASKS.values():
             classes = f"{task.paper_classes} classes" if task.paper_classes else "any labels"
             print(f"{task.name:<20} {classes:<12} {task.description}")
         return 0
     if args.command == "tasks" and args.tasks_command == "prepare":
-        from cola_ray.tasks import prepare_task
+        from cola_ray.data.tasks import prepare_task
 
         try:
             summary = prepare_task(args.name, args.src, args.out, seed=args.seed,
@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pretrain":
         from cola_ray.config import load_config
-        from cola_ray.trainer import fit
+        from cola_ray.train.trainer import fit
 
         cfg = load_config(args.config, args.overrides)  # fails on unknown keys before any work
         fit(cfg)
@@ -215,8 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(args.workdir, n_clips=args.clips, overrides=args.overrides, probe_epochs=args.probe_epochs)
         return 0
     if args.command == "export":
-        from cola_ray.encoders import resolve_encoder
-        from cola_ray.export import ExportError, export_encoder
+        from cola_ray.downstream.encoders import resolve_encoder
+        from cola_ray.downstream.export import ExportError, export_encoder
 
         try:
             encoder, info = resolve_encoder(args.encoder, tracking_uri=args.tracking_uri)
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"exported {info['kind']} {args.encoder} ({info['encoder']}, D={info['embedding_dim']}) to {out}")
         return 0
     if args.command == "embed":
-        from cola_ray.embed import embed, read_meta
+        from cola_ray.downstream.embed import embed, read_meta
 
         path = embed(args.encoder, args.data, args.out, batch_size=args.batch_size, remainder=args.remainder,
                      num_actors=args.num_actors, use_gpu=args.use_gpu, tracking_uri=args.tracking_uri)
@@ -236,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{len(meta['classes'])} classes -> {path}")
         return 0
     if args.command == "probe":
-        from cola_ray.probe import probe
+        from cola_ray.downstream.probe import probe
 
         result = probe(args.encoder, args.task, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
                        batch_size=args.batch_size, seed=args.seed, baseline=args.baseline or "",
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
               f"MLflow run {result.run_id}")
         return 0
     if args.command == "finetune":
-        from cola_ray.finetune import finetune
+        from cola_ray.downstream.finetune import finetune
 
         result = finetune(args.encoder, args.task, from_scratch=args.from_scratch, lr=args.lr,
                           weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
@@ -258,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
               f"test accuracy {result.test_accuracy:.1%}; MLflow run {result.run_id}; weights {result.checkpoint}")
         return 0
     if args.command == "sweep":
-        from cola_ray.sweep import describe, load_sweep_config, run_sweep
+        from cola_ray.downstream.sweep import describe, load_sweep_config, run_sweep
 
         settings = load_sweep_config(args.config, args.overrides, {
             "encoder_ref": args.encoder, "task": args.task, "mode": args.mode, "from_scratch": args.from_scratch,
@@ -269,12 +269,12 @@ def _run(args: argparse.Namespace) -> int:
         print(describe(run_sweep(settings)))
         return 0
     if args.command == "suite":
-        from cola_ray.suite import load_suite_config, run_suite
+        from cola_ray.downstream.suite import load_suite_config, run_suite
 
         run_suite(**load_suite_config(args.config, args.overrides))  # a ConfigError is reported by main
         return 0
     if args.command == "report":
-        from cola_ray.report import report
+        from cola_ray.downstream.report import report
 
         try:
             result = report(args.experiment, args.out, tracking_uri=args.tracking_uri)
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
         print("written: " + ", ".join(result.files.values()) + f"; MLflow run {result.run_id}")
         return 0
     if args.command == "replay-metrics":
-        from cola_ray.tracking import replay_spool
+        from cola_ray.train.tracking import replay_spool
 
         sent, dropped = replay_spool(args.spool, args.tracking_uri)
         print(f"delivered {sent} metric points; {dropped} were already in the run")

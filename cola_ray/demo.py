@@ -55,9 +55,9 @@ def demo_config(workdir: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 def run_demo(workdir: str | Path = "cola-demo", n_clips: int = 300, overrides: Sequence[str] = (),
              probe_epochs: int = 100, echo=print):
-    """Corpus -> shards -> pre-training; returns the :class:`~cola_ray.trainer.FitResult`."""
-    from cola_ray import shards, synthetic
-    from cola_ray.trainer import fit
+    """Corpus -> shards -> pre-training; returns the :class:`~cola_ray.train.trainer.FitResult`."""
+    from cola_ray.data import shards, synthetic
+    from cola_ray.train.trainer import fit
 
     workdir = Path(workdir).resolve()
     cfg = demo_config(workdir, overrides)
@@ -87,7 +87,7 @@ def run_demo(workdir: str | Path = "cola-demo", n_clips: int = 300, overrides: S
 
 def compare_probes(cfg: Config, checkpoint: str, workdir: Path, epochs: int) -> dict:
     """Probe test accuracy of the random-init baseline and of the pre-trained encoder."""
-    from cola_ray.probe import probe
+    from cola_ray.downstream.probe import probe
 
     common = dict(epochs=epochs, experiment=f"{cfg.tracking.experiment}-probe",
                   tracking_uri=cfg.tracking.tracking_uri, cache_dir=workdir / "embeddings")

@@ -8,7 +8,7 @@
 Every task x baseline (random init and COLA frozen: probe sweeps; supervised and COLA
 fine-tuned: fine-tuning sweeps), one MLflow experiment, then report.md / report.csv /
 report.png (also logged to MLflow). ``key=value`` and ``probe.key=value`` override the YAML
-(the keyword arguments of ``cola_ray.suite.run_suite``). The driver connects to the
+(the keyword arguments of ``cola_ray.downstream.suite.run_suite``). The driver connects to the
 cluster it was submitted to (Ray sets RAY_ADDRESS). Cells already finished in the
 experiment are skipped, so resubmitting after a failure picks up where the suite stopped.
 """

@@ -6,7 +6,7 @@
         encoder_ref=random:efficientnet_b0 task=s3://my-bucket/tasks/spc1 num_samples=32 max_concurrent=8
 
 ``key=value`` overrides any key of the YAML (the keyword arguments of
-``cola_ray.sweep.sweep``). The job's driver connects to the cluster it was submitted to
+``cola_ray.downstream.sweep.sweep``). The job's driver connects to the cluster it was submitted to
 (Ray sets RAY_ADDRESS); it embeds the task once (cached), runs the Tune trials, and
 prints the selected config and its test accuracy.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_ray.config import ConfigError  # noqa: E402
-from cola_ray.sweep import describe, load_sweep_config, run_sweep  # noqa: E402
+from cola_ray.downstream.sweep import describe, load_sweep_config, run_sweep  # noqa: E402
 
 
 def main(argv=None) -> int:

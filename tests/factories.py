@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from cola_ray import tasks
-from cola_ray.checkpoint import TrainState, save_checkpoint
+from cola_ray.data import tasks
+from cola_ray.train.checkpoint import TrainState, save_checkpoint
 from cola_ray.config import Config, ModelConfig, load_config
 
 
@@ -21,7 +21,7 @@ def labelled_task(root: Path, classes: list[str], *, n_clips: int, name: str, ma
 
 def hand_made_checkpoint(folder: Path) -> str:
     """A pre-training checkpoint (test_efficientnet, no stochastic depth) as training writes them."""
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
     torch.manual_seed(1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cola_ray.audio import (
+from cola_ray.data.audio import (
     AUDIO_SUFFIXES,
     BadSample,
     audio_member,

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from cola_ray import shards, synthetic
+from cola_ray.data import shards, synthetic
 from cola_ray.config import load_config
-from cola_ray.cluster import ResourceError, check_resources
-from cola_ray.trainer import fit
+from cola_ray.train.cluster import ResourceError, check_resources
+from cola_ray.train.trainer import fit
 
 BOUND_S = 60.0
 
@@ -89,7 +89,7 @@ def test_unreachable_s3_endpoint(tmp_path):
 
 def test_mlflow_client_gives_up_on_a_dead_server_in_bounded_time():
     """Once training runs, a dead server costs a bounded wait (MLFLOW_HTTP_REQUEST_* set in tracking)."""
-    from cola_ray.tracking import RunLogger
+    from cola_ray.train.tracking import RunLogger
 
     logger = RunLogger("http://127.0.0.1:1", "0" * 32)
     t0 = time.monotonic()

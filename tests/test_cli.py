@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cola_ray import synthetic
+from cola_ray.data import synthetic
 
 CLI = [str(Path(sys.executable).parent / "cola-ray")]
 

@@ -408,7 +408,7 @@ def test_rayjob_entrypoint_files_exist(which):
 def test_sweep_rayjob_loads_under_its_environment(monkeypatch):
     """The sweep entrypoint's config resolves, from the job's env_vars, to S3 inputs and a
     tracking server (not the laptop defaults: a local sqlite file, /tmp)."""
-    from cola_ray.sweep import load_sweep_config
+    from cola_ray.downstream.sweep import load_sweep_config
 
     job = _rayjob("sweep")
     script, config, overrides = _entrypoint(job)
@@ -423,7 +423,7 @@ def test_sweep_rayjob_loads_under_its_environment(monkeypatch):
 def test_downstream_rayjob_loads_under_its_environment(monkeypatch):
     """The suite's config resolves, from the job's env_vars, to the nine tasks in S3, S3
     storage and a tracking server; every key is one the suite knows."""
-    from cola_ray.suite import load_suite_config
+    from cola_ray.downstream.suite import load_suite_config
 
     job = _rayjob("downstream")
     script, config, overrides = _entrypoint(job)
@@ -504,7 +504,7 @@ def test_runtime_env_excludes_keep_local_state_off_the_cluster(tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
     tree = tmp_path / "checkout"
-    kept = ["cola_ray/trainer.py", "jobs/pretrain.py", "jobs/configs/paper.yaml", "pyproject.toml",
+    kept = ["cola_ray/train/trainer.py", "jobs/pretrain.py", "jobs/configs/paper.yaml", "pyproject.toml",
             "benchmarks/pretrain_bench.py", "cola_ray/runs_util/x.py"]
     dropped = [".venv/lib/python3.11/site-packages/torch/x.so", ".git/objects/ab/cd", "runs/r1/checkpoint_1/m.pt",
                "mlruns/0/meta.yaml", "mlartifacts/1/a.bin", "mlflow.db", "basic_auth.db", "tests/data/clip.wav",
@@ -527,7 +527,7 @@ def test_runtime_env_package_of_this_checkout_is_small(tmp_path):
     create_package(str(REPO), pkg, include_gitignore=False, excludes=_local_runtime_env()["excludes"])
     infos = zipfile.ZipFile(pkg).infolist()
     names = {i.filename for i in infos}
-    assert {"jobs/pretrain.py", "jobs/configs/paper.yaml", "cola_ray/trainer.py", "pyproject.toml"} <= names
+    assert {"jobs/pretrain.py", "jobs/configs/paper.yaml", "cola_ray/train/trainer.py", "pyproject.toml"} <= names
     assert not [n for n in names if n.startswith((".venv/", ".git/", "tests/", "runs/", "mlruns/")) or n.endswith(".db")]
     size = pkg.stat().st_size
     largest = sorted(infos, key=lambda i: i.compress_size, reverse=True)[:5]

@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from cola_ray import distributed
+from cola_ray.model import distributed
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.model import ColaModel
+from cola_ray.model.cola import ColaModel
 
 WORLD = 2
 B = 3  # pairs per worker

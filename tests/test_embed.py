@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cola_ray.embed import split_segments, task_classes
+from cola_ray.downstream.embed import split_segments, task_classes
 
 N = 15600
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.encoder import WaveformEncoder, create_backbone
+from cola_ray.model.encoder import WaveformEncoder, create_backbone
 
 
 def tiny(**kw) -> ModelConfig:
@@ -49,7 +49,7 @@ def test_drop_path_rate_is_applied():
 
 
 def test_model_without_drop_path_falls_back(caplog):
-    with caplog.at_level(logging.WARNING, logger="cola_ray.encoder"):
+    with caplog.at_level(logging.WARNING, logger="cola_ray.model.encoder"):
         backbone = create_backbone(tiny(encoder="dla46_c", drop_path_rate=0.2))
     assert "drop_path_rate" in caplog.text
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Encoder exports (cola_ray.export), --encoder references (cola_ray.encoders), the registry.
+"""Encoder exports (cola_ray.downstream.export), --encoder references (cola_ray.downstream.encoders), the registry.
 
 Fast tests build a tiny WaveformEncoder (test_efficientnet) directly. The slow ones share
 ONE tiny training run (module fixture) that registers its encoder in the Model Registry.
@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cola_ray import storage
-from cola_ray.checkpoint import TrainState, load_encoder as load_checkpoint_encoder, save_checkpoint
+from cola_ray.data import storage
+from cola_ray.train.checkpoint import TrainState, load_encoder as load_checkpoint_encoder, save_checkpoint
 from cola_ray.config import Config, FeatureConfig, ModelConfig
-from cola_ray.encoder import WaveformEncoder
-from cola_ray.encoders import EncoderNotFound, resolve_encoder
-from cola_ray.export import CONFIG_FILE, FORMAT, WEIGHTS_FILE, ExportError, export_encoder, load_encoder
+from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.downstream.encoders import EncoderNotFound, resolve_encoder
+from cola_ray.downstream.export import CONFIG_FILE, FORMAT, WEIGHTS_FILE, ExportError, export_encoder, load_encoder
 
 MODEL = ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0)
 CLI = str(Path(sys.executable).parent / "cola-ray")
@@ -60,7 +60,7 @@ def export_dir(encoder, tmp_path):
 
 @pytest.fixture
 def checkpoint_dir(tmp_path):
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     cfg = Config(model=MODEL)
     cfg.data.shards = "/data/shards"
@@ -285,9 +285,9 @@ REGISTERED = "cola-test-encoder"
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
-    from cola_ray import shards, synthetic
+    from cola_ray.data import shards, synthetic
     from cola_ray.config import load_config
-    from cola_ray.trainer import fit
+    from cola_ray.train.trainer import fit
 
     root = tmp_path_factory.mktemp("trained")
     synthetic.make_corpus(root / "clips", n_clips=24, seconds=2.0, seed=5)
@@ -361,7 +361,7 @@ def test_every_mlflow_reference_resolves_to_the_trained_encoder(trained):
 
 @pytest.mark.slow
 def test_train_register_export_load_round_trip(trained, tmp_path):
-    from cola_ray import hear
+    from cola_ray.downstream import hear
 
     result, reference = trained
     encoder, info = resolve_encoder(f"models:/{REGISTERED}/1", tracking_uri=result.tracking_uri)

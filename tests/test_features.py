@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cola_ray.config import FeatureConfig, n_frames
-from cola_ray.features import LogMel
+from cola_ray.model.features import LogMel
 
 SR = 16000
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray import shards
-from cola_ray.embed import split_segments
-from cola_ray.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
+from cola_ray.data import shards
+from cola_ray.downstream.embed import split_segments
+from cola_ray.downstream.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
                                train_labels)
-from cola_ray.report import report
+from cola_ray.downstream.report import report
 from factories import hand_made_checkpoint, labelled_task
 from services import kill_session
 
@@ -94,7 +94,7 @@ def test_evaluation_segments_are_the_probe_grid(task):
     n = len(set(out["clip"]))
     assert out["h"].shape == (2 * n, 1) and n > 0  # 1.5 s clips: two segments each
     wave = torch.cat(seen).numpy()
-    from cola_ray.audio import decode_audio
+    from cola_ray.data.audio import decode_audio
 
     first = out["clip"][0]
     label = CLASSES[out["label_index"][0]]
@@ -170,7 +170,7 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
     experiment = "test-finetune-sweep"
     script = (
         "import json, sys, ray\n"
-        "from cola_ray.finetune_sweep import finetune_sweep\n"
+        "from cola_ray.downstream.finetune_sweep import finetune_sweep\n"
         "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
         "r = finetune_sweep(*sys.argv[1:3], num_samples=2, max_concurrent=1, lr_range=(1e-4, 1e-2),\n"
         "    weight_decay_choices=[0.0], epoch_choices=[1], grace_period=1, batch_size=8, cpus_per_worker=0.5,\n"
@@ -197,7 +197,7 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
     client = MlflowClient(store["uri"])
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["cola_ray.kind"] == "sweep" and parent.data.tags["cola_ray.sweep"] == "finetune"
+    assert parent.data.tags["cola_ray.kind"] == "sweep" and parent.data.tags["cola_ray.downstream.sweep"] == "finetune"
     assert parent.data.tags["cola_ray.baseline"] == "COLA fine-tuned"
     exp = client.get_experiment_by_name(experiment)
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{result.run_id}'")

@@ -1,4 +1,4 @@
-"""The HEAR 2021 API (cola_ray.hear) over an export of a tiny encoder.
+"""The HEAR 2021 API (cola_ray.downstream.hear) over an export of a tiny encoder.
 
 The first tests mirror hearvalidator's checks (its own run needs tensorflow; the last test
 runs it when it is installed, with a stand-in for tensorflow if that is missing).
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from cola_ray import hear
+from cola_ray.downstream import hear
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.encoder import WaveformEncoder
-from cola_ray.export import export_encoder
+from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.downstream.export import export_encoder
 
 SR = 16000
 MODEL = ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0)
@@ -219,4 +219,4 @@ def test_hearvalidator_accepts_the_module(export_dir, monkeypatch):
         monkeypatch.delitem(sys.modules, "hearvalidator.validate", raising=False)
     from hearvalidator.validate import ValidateModel
 
-    ValidateModel("cola_ray.hear", str(export_dir), device="cpu")()
+    ValidateModel("cola_ray.downstream.hear", str(export_dir), device="cpu")()

@@ -321,7 +321,7 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
     assert sorted(r.data.tags["cola_ray.baseline"] for r in parents) == sorted(columns)
     assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in parents)
     # Probe sweeps embed once per encoder; fine-tuning sweeps retrain their selected config once.
-    sweeps = {r.data.tags["cola_ray.baseline"]: r.data.tags.get("cola_ray.sweep", "probe") for r in parents}
+    sweeps = {r.data.tags["cola_ray.baseline"]: r.data.tags.get("cola_ray.downstream.sweep", "probe") for r in parents}
     assert sweeps == {"random init": "probe", "COLA frozen": "probe", "supervised": "finetune",
                       "COLA fine-tuned": "finetune"}
     assert mlflow.search_runs([exp.experiment_id], "tags.`cola_ray.kind` = 'report'")

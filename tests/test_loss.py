@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cola_ray.loss import bilinear_logits, cola_loss, cosine_logits
+from cola_ray.model.loss import bilinear_logits, cola_loss, cosine_logits
 
 B, P = 6, 5
 

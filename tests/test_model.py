@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.model import ColaModel
+from cola_ray.model.cola import ColaModel
 
 
 def tiny(**kw) -> ModelConfig:
@@ -62,7 +62,7 @@ def test_compiled_forward_matches_eager_and_keeps_parameter_names():
     """``train.compile``: the step runs the compiled module; checkpoints hold plain names.
     The ``eager`` backend traces the whole forward (log-mel, encoder, head, loss) without
     generating code, so this checks that the model compiles at all, quickly, on CPU."""
-    from cola_ray.train_loop import compiled
+    from cola_ray.train.loop import compiled
 
     torch.manual_seed(0)
     model = ColaModel(FeatureConfig(), tiny(similarity="cosine", proj_dim=16))

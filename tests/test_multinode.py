@@ -60,7 +60,7 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
     from mlflow.tracking import MlflowClient
     from services import start_mlflow_server, stop_process_group
 
-    from cola_ray import shards, synthetic, storage
+    from cola_ray.data import shards, synthetic, storage
 
     labels = synthetic.make_corpus(tmp_path / "clips", n_clips=48, seconds=2.0, seed=5)
     shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", labels_csv=labels, max_samples=8,
@@ -142,7 +142,7 @@ def _main(args: dict) -> None:
     from ray.util.state import list_actors, list_tasks
 
     from cola_ray.config import load_config
-    from cola_ray.trainer import fit
+    from cola_ray.train.trainer import fit
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cola_ray import shards
+from cola_ray.data import shards
 from cola_ray.config import DataConfig
-from cola_ray.pipeline import SampleCounter, check_budget, ErrorBudgetExceeded, read_pairs
+from cola_ray.data.pipeline import SampleCounter, check_budget, ErrorBudgetExceeded, read_pairs
 
 pytestmark = pytest.mark.slow
 

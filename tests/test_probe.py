@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cola_ray.probe import clip_logits, evaluate, train_probe
+from cola_ray.downstream.probe import clip_logits, evaluate, train_probe
 
 
 def identity_layer(n: int) -> nn.Linear:

@@ -38,10 +38,10 @@ import pytest
 import torch
 from faultproxy import FaultProxy
 
-from cola_ray import audio, shards, storage, synthetic
-from cola_ray.checkpoint import (OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState, load_checkpoint,
+from cola_ray.data import audio, shards, storage, synthetic
+from cola_ray.train.checkpoint import (OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState, load_checkpoint,
                                  save_checkpoint)
-from cola_ray.pipeline import ShardTally, decoded_clips
+from cola_ray.data.pipeline import ShardTally, decoded_clips
 
 RATE = 16000
 
@@ -166,7 +166,7 @@ def test_a_truncated_shard_is_quarantined_in_a_pipeline_run(ray_local, built, tm
     import ray
 
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import SampleCounter, read_pairs
+    from cola_ray.data.pipeline import SampleCounter, read_pairs
 
     work = tmp_path / "shards"
     shutil.copytree(built, work)
@@ -239,7 +239,7 @@ def test_pickled_shard_members_never_run_in_a_pipeline_run(ray_local, tmp_path):
     import ray
 
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import SampleCounter, read_pairs
+    from cola_ray.data.pipeline import SampleCounter, read_pairs
 
     marker = tmp_path / "pwned-ray"
     shard, _ = _pickled_shard(tmp_path / "shards", marker)
@@ -327,7 +327,7 @@ def test_a_checkpoint_copied_in_part_is_refused_and_changes_nothing(tmp_path):
 _SAVER = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from cola_ray.checkpoint import TrainState, save_checkpoint
+    from cola_ray.train.checkpoint import TrainState, save_checkpoint
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
@@ -457,7 +457,7 @@ _FULL_DISK = textwrap.dedent("""
     import errno, json, resource, signal, sys
     import torch
     from pathlib import Path
-    from cola_ray.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from cola_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
     root, mode = Path(sys.argv[1]), sys.argv[2]
     small = torch.nn.Linear(16, 16)
     save_checkpoint(root / "checkpoint_1", small, torch.optim.SGD(small.parameters(), lr=0.1), TrainState(step=1))
@@ -568,7 +568,7 @@ def test_s3_faults_in_a_pipeline_run_lose_no_sample(ray_local, s3_shards, moto_s
     import ray
 
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import SampleCounter, read_pairs
+    from cola_ray.data.pipeline import SampleCounter, read_pairs
 
     url, manifest = s3_shards
     with FaultProxy(moto_s3, p_slowdown=0.2, p_reset=0.15, seed=8) as proxy:
@@ -611,7 +611,7 @@ def test_s3_403_and_404_fail_fast_naming_the_object(s3_shards, moto_s3):
 @pytest.mark.slow
 def test_s3_403_fails_a_pipeline_run_fast_naming_the_object(ray_local, s3_shards, moto_s3):
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import read_pairs
+    from cola_ray.data.pipeline import read_pairs
 
     url, manifest = s3_shards
     denied = f"{url}/{manifest['shards'][1]['name']}"
@@ -674,7 +674,7 @@ def test_every_kind_of_bad_sample_planted_at_known_positions_is_counted_exactly(
     import ray
 
     from cola_ray.config import DataConfig
-    from cola_ray.pipeline import ErrorBudgetExceeded, SampleCounter, check_budget, read_pairs
+    from cola_ray.data.pipeline import ErrorBudgetExceeded, SampleCounter, check_budget, read_pairs
 
     rng = np.random.default_rng(0)
     tone = (0.3 * np.sin(np.linspace(0, 2000, 32000))).astype(np.float32)  # 2 s at 16 kHz

@@ -39,9 +39,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from services import free_port, stop_process_group, wait_http
 
-from cola_ray import shards, synthetic
+from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
-from cola_ray.trainer import fit
+from cola_ray.train.trainer import fit
 from factories import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -182,8 +182,8 @@ def _nonfinite_rank(rank: int, port: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from cola_ray.config import FeatureConfig, ModelConfig
-    from cola_ray.model import ColaModel
-    from cola_ray.train_loop import optimizer_step
+    from cola_ray.model.cola import ColaModel
+    from cola_ray.train.loop import optimizer_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -440,7 +440,7 @@ def test_mlflow_down_mid_run_never_blocks_and_loses_no_step(ray_local, corpus, t
 
 def test_spool_left_by_a_dead_server_is_replayed_once(tmp_path):
     """No Ray: the logger against a stopped server, then ``cola-ray replay-metrics``."""
-    from cola_ray.tracking import SpooledLogger
+    from cola_ray.train.tracking import SpooledLogger
 
     root = tmp_path / "mlflow"
     root.mkdir()
@@ -477,7 +477,7 @@ def test_spool_left_by_a_dead_server_is_replayed_once(tmp_path):
 # ---- row 19: resuming with another number of workers -----------------------------------------
 
 def test_resume_with_other_world_size_keeps_global_batch(ray_local, corpus, tmp_path):
-    from cola_ray.checkpoint import read_state
+    from cola_ray.train.checkpoint import read_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = fit(tiny(tmp_path, corpus, uri, "name=ws", "train.max_steps=20"), echo=lambda *_: None)

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from cola_ray.report import Cell, build, write_csv
+from cola_ray.downstream.report import Cell, build, write_csv
 
 
 def test_table_has_the_papers_columns_and_an_average_over_tasks(tmp_path):

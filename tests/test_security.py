@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cola_ray import tracking
+from cola_ray.train import tracking
 from cola_ray.config import load_config
 
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ RUN_SCRIPT = r"""
 import json, sys
 import ray
 from cola_ray.config import load_config
-from cola_ray.trainer import fit
+from cola_ray.train.trainer import fit
 temp_dir, out, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
 try:
@@ -78,7 +78,7 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     from mlflow.tracking import MlflowClient
     from services import start_mlflow_server, stop_process_group
 
-    from cola_ray import shards, storage, synthetic
+    from cola_ray.data import shards, storage, synthetic
 
     tag = uuid.uuid4().hex[:12]
     canaries = {

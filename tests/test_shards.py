@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cola_ray import shards, storage
-from cola_ray.audio import BadSample, decode_audio
-from cola_ray.shards import ShardError, build_shards, iter_samples, verify_shards
+from cola_ray.data import shards, storage
+from cola_ray.data.audio import BadSample, decode_audio
+from cola_ray.data.shards import ShardError, build_shards, iter_samples, verify_shards
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_build_from_missing_or_empty_folder(tmp_path):
 
 
 def test_synthetic_corpus_builds(tmp_path):
-    from cola_ray.synthetic import make_corpus
+    from cola_ray.data.synthetic import make_corpus
 
     labels = make_corpus(tmp_path / "corpus", n_clips=12, seconds=1.0, n_classes=4, seed=3)
     manifest = build(tmp_path / "corpus", tmp_path / "out", labels, max_samples=5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cola_ray.config import ConfigError
-from cola_ray.suite import load_suite_config, run_suite
+from cola_ray.downstream.suite import load_suite_config, run_suite
 from factories import hand_made_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

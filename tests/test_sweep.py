@@ -15,13 +15,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray.audio import decode_audio
+from cola_ray.data.audio import decode_audio
 from cola_ray.config import ConfigError
-from cola_ray.embed import load_embeddings, read_meta, split_segments
-from cola_ray.encoders import resolve_encoder
-from cola_ray.probe import cached_embeddings, probe
-from cola_ray.report import report
-from cola_ray.sweep import load_sweep_config, sweep
+from cola_ray.downstream.embed import load_embeddings, read_meta, split_segments
+from cola_ray.downstream.encoders import resolve_encoder
+from cola_ray.downstream.probe import cached_embeddings, probe
+from cola_ray.downstream.report import report
+from cola_ray.downstream.sweep import load_sweep_config, sweep
 from factories import hand_made_checkpoint, labelled_task
 
 CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cola_ray import shards, tasks
-from cola_ray.tasks import Item, TaskError, assign_splits, load_task, prepare_task, stratified_split
+from cola_ray.data import shards, tasks
+from cola_ray.data.tasks import Item, TaskError, assign_splits, load_task, prepare_task, stratified_split
 
 RATE = 16000
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cola_ray import audio, cache, pipeline
+from cola_ray.data import audio, cache, pipeline
 from cola_ray.config import DataConfig
 
 RATE = 16000

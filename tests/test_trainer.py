@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray import shards, synthetic
+from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
-from cola_ray.trainer import fit
+from cola_ray.train.trainer import fit
 from factories import tiny_config as tiny
 
 pytestmark = pytest.mark.slow

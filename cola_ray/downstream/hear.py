@@ -1,11 +1,11 @@
 """The HEAR 2021 API over an exported encoder (``cola-ray export``).
 
-    from cola_ray import hear
+    from cola_ray.downstream import hear
     model = hear.load_model("exports/cola-v3")             # folder or its config.json
     emb, ts = hear.get_timestamp_embeddings(audio, model)   # audio (n_sounds, n_samples), 16 kHz
     scene = hear.get_scene_embeddings(audio, model)         # (n_sounds, D)
 
-or ``hear-validator cola_ray.hear -m exports/cola-v3``.
+or ``hear-validator cola_ray.downstream.hear -m exports/cola-v3``.
 
 Timestamp embeddings: the encoder sees exactly what it was trained on, one 0.975 s
 segment (15600 samples = 96 log-mel frames). Window ``k`` is CENTRED on sample
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cola_ray.encoder import WaveformEncoder
-from cola_ray.export import load_export
+from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.downstream.export import load_export
 
 DEFAULT_HOP_MS = 50.0
 DEFAULT_MAX_WINDOWS = 128
@@ -84,9 +84,9 @@ def load_model(model_file_path: str = "", *, hop_ms: float = DEFAULT_HOP_MS,
     """
     if not model_file_path:
         raise ValueError(
-            "cola_ray.hear.load_model needs the path of a cola-ray encoder export: the folder "
+            "cola_ray.downstream.hear.load_model needs the path of a cola-ray encoder export: the folder "
             "written by `cola-ray export --encoder REF OUT` (weights.safetensors + config.json) "
-            "or its config.json, e.g. `hear-validator cola_ray.hear -m exports/cola-v3`"
+            "or its config.json, e.g. `hear-validator cola_ray.downstream.hear -m exports/cola-v3`"
         )
     encoder, config = load_export(Path(model_file_path))
     return HearModel(encoder, config["segment_samples"], hop_ms=hop_ms, max_windows=max_windows)

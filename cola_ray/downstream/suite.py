@@ -7,7 +7,7 @@
                  COLA frozen      probe sweep   of the encoder
                  supervised       fine-tune sweep from scratch (the encoder's architecture)
                  COLA fine-tuned  fine-tune sweep of the encoder
-    --> one MLflow experiment --> cola_ray.report: report.md / report.csv / report.png
+    --> one MLflow experiment --> cola_ray.downstream.report: report.md / report.csv / report.png
 
 One driver runs the cells one after another; each cell is itself parallel (Tune trials,
 Ray Train workers, Ray Data). A cell that fails is recorded and the suite goes on with
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cola_ray import storage
+from cola_ray.data import storage
 from cola_ray.config import ConfigError, read_settings
-from cola_ray.probe import BASELINES, DEFAULT_EXPERIMENT
+from cola_ray.downstream.probe import BASELINES, DEFAULT_EXPERIMENT
 
 PROBE_COLUMNS = ("random init", "COLA frozen")
 FINETUNE_COLUMNS = ("supervised", "COLA fine-tuned")
@@ -45,13 +45,13 @@ SYNTHETIC = "synthetic"
 @dataclass
 class SuiteResult:
     cells: dict[tuple[str, str], Any] = field(default_factory=dict)
-    """(task, baseline) -> the sweep's :class:`~cola_ray.sweep.SweepResult`."""
+    """(task, baseline) -> the sweep's :class:`~cola_ray.downstream.sweep.SweepResult`."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """Cells that already had a finished run in the experiment."""
     failed: dict[tuple[str, str], str] = field(default_factory=dict)
     """(task, baseline) -> the error, for cells that raised."""
     report: Any = None
-    """The :class:`~cola_ray.report.Report` of the experiment after the suite."""
+    """The :class:`~cola_ray.downstream.report.Report` of the experiment after the suite."""
 
 
 def run_suite(
@@ -72,21 +72,22 @@ def run_suite(
     ray_address: str = "",
     echo: Callable[[str], None] = print,
 ) -> SuiteResult:
-    """Run every column of ``columns`` on every task, then :func:`cola_ray.report.report`.
+    """Run every column of ``columns`` on every task, then :func:`cola_ray.downstream.report.report`.
 
     ``tasks``: each a mapping with ``shards`` (prepared task shards, folder or s3://), and
-    optionally ``prepare`` (an adapter of :mod:`cola_ray.tasks`) + ``src`` (the dataset in
+    optionally ``prepare`` (an adapter of :mod:`cola_ray.data.tasks`) + ``src`` (the dataset in
     its native layout) to prepare them first when ``shards`` holds no task.json; or the
     string ``synthetic`` for a small generated task (smoke runs). ``probe`` and
-    ``finetune`` are keyword arguments of :func:`cola_ray.sweep.sweep` and
-    :func:`cola_ray.finetune_sweep.finetune_sweep` for every cell of their columns.
+    ``finetune`` are keyword arguments of :func:`cola_ray.downstream.sweep.sweep` and
+    :func:`cola_ray.downstream.finetune_sweep.finetune_sweep` for every cell of their columns.
     ``random_encoder`` (default ``random:<the encoder's timm model>``) is the random-init
     baseline. Raises RuntimeError naming the failed cells, after the report is written.
     """
-    from cola_ray import cluster, report as report_mod
-    from cola_ray.encoders import resolve_encoder
-    from cola_ray.finetune_sweep import finetune_sweep
-    from cola_ray.sweep import sweep
+    from cola_ray.train import cluster
+    from cola_ray.downstream import report as report_mod
+    from cola_ray.downstream.encoders import resolve_encoder
+    from cola_ray.downstream.finetune_sweep import finetune_sweep
+    from cola_ray.downstream.sweep import sweep
 
     columns = _check_columns(columns)
     probe, finetune = dict(probe or {}), dict(finetune or {})
@@ -162,8 +163,8 @@ def _check_keys(section: str, options: Mapping[str, Any], fn: Callable) -> None:
 def _prepare(task: Mapping[str, Any] | str, storage_path: str, endpoint_url: str, region: str,
              echo: Callable[[str], None]) -> tuple[str, str]:
     """``(task name, shards url)``, preparing the shards first where asked."""
-    from cola_ray import embed
-    from cola_ray import tasks as tasks_mod
+    from cola_ray.downstream import embed
+    from cola_ray.data import tasks as tasks_mod
 
     if task == SYNTHETIC or (isinstance(task, Mapping) and task.get("shards") == SYNTHETIC):
         out = f"{storage_path.rstrip('/')}/_synthetic/task"
@@ -190,8 +191,8 @@ def _prepare(task: Mapping[str, Any] | str, storage_path: str, endpoint_url: str
 
 def _finished_cells(experiment: str, tracking_uri: str) -> set[tuple[str, str]]:
     """(task, baseline) of the finished runs with a test accuracy already in the experiment."""
-    from cola_ray.probe import open_tracking
-    from cola_ray.report import collect
+    from cola_ray.downstream.probe import open_tracking
+    from cola_ray.downstream.report import collect
 
     _, client = open_tracking(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -211,8 +212,8 @@ def load_suite_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
     if not data.get("encoder_ref"):
         raise ConfigError("suite key 'encoder_ref' is required (the COLA encoder to evaluate)")
     data["encoder_ref"] = str(data["encoder_ref"])
-    from cola_ray.finetune_sweep import finetune_sweep
-    from cola_ray.sweep import sweep
+    from cola_ray.downstream.finetune_sweep import finetune_sweep
+    from cola_ray.downstream.sweep import sweep
 
     for section, fn in (("probe", sweep), ("finetune", finetune_sweep)):
         if data.get(section) in (None, ""):

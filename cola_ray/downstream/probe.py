@@ -4,7 +4,7 @@ Protocol (authors' ``cola/supervised.py``; paper section 4): ``g`` is discarded 
 linear layer sits on the encoder's ``h``.
 
 - Train: every epoch, ONE random segment of every train clip (the paper's random 960 ms
-  crops, taken from the precomputed segment grid of :mod:`cola_ray.embed`), shuffled,
+  crops, taken from the precomputed segment grid of :mod:`cola_ray.downstream.embed`), shuffled,
   cross-entropy, Adam lr 1e-3, batch 64, 100 epochs. ``weight_decay`` is decoupled
   (AdamW); at 0, the default, it is exactly the authors' Adam.
 - Evaluate (clip level): the layer's LOGITS are averaged over all of a clip's segments
@@ -41,7 +41,7 @@ BASELINES = ("random init", "supervised", "COLA frozen", "COLA fine-tuned")
 TASK_TAG = "cola_ray.task"
 BASELINE_TAG = "cola_ray.baseline"
 KIND_TAG = "cola_ray.kind"
-ENCODER_TAG = "cola_ray.encoder"
+ENCODER_TAG = "cola_ray.model.encoder"
 DEFAULT_EXPERIMENT = "cola-ray-downstream"
 
 
@@ -114,7 +114,7 @@ def train_probe(
 ) -> tuple[nn.Linear, list[dict[str, float]]]:
     """Train ``Linear(D, C)`` on one random segment per train clip per epoch.
 
-    ``emb`` is :func:`cola_ray.embed.load_embeddings`' dict (arrays may be read-only, as
+    ``emb`` is :func:`cola_ray.downstream.embed.load_embeddings`' dict (arrays may be read-only, as
     they arrive from Ray's object store). Every epoch's record ``{"epoch", "train_loss",
     "train_accuracy"}`` (segment level, on that epoch's crops), plus ``val_accuracy`` and
     ``val_loss`` (clip level) when ``val_split`` has labelled clips, goes to ``on_epoch``
@@ -189,13 +189,13 @@ def cached_embeddings(
     remainder: str = "end",
     **embed_options: Any,
 ) -> str:
-    """The embeddings folder of (encoder, task), computed with :func:`cola_ray.embed.embed` if absent.
+    """The embeddings folder of (encoder, task), computed with :func:`cola_ray.downstream.embed.embed` if absent.
 
     Keyed by the encoder ref, the task path and the segmenting options, under
     ``cache_dir`` (default ``$COLA_RAY_CACHE/embeddings`` or ``~/.cache/cola-ray/embeddings``).
     A ref whose weights change in place (a checkpoint folder overwritten) needs ``refresh``.
     """
-    from cola_ray import embed
+    from cola_ray.downstream import embed
 
     folder = Path(cache_dir or default_cache_dir()) / cache_key(
         encoder_ref, task, segment_samples=segment_samples, remainder=remainder
@@ -212,7 +212,7 @@ def open_tracking(tracking_uri: str = "") -> tuple[str, Any]:
     """``(uri, MlflowClient)``; a local sqlite store's folder is created if missing."""
     from mlflow.tracking import MlflowClient
 
-    from cola_ray import tracking
+    from cola_ray.train import tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
@@ -375,11 +375,12 @@ def probe(
 
     The run is tagged ``cola_ray.task`` (task.json's name, else the folder's) and
     ``cola_ray.baseline`` (default: :func:`default_baseline`), which is what
-    :func:`cola_ray.report.report` builds the table from. Logged: params, per-epoch
+    :func:`cola_ray.downstream.report.report` builds the table from. Logged: params, per-epoch
     curves, ``val_accuracy``, ``test_accuracy``, per-class accuracies, confusion matrices,
     and the layer.
     """
-    from cola_ray import embed, tracking
+    from cola_ray.downstream import embed
+    from cola_ray.train import tracking
 
     baseline = check_baseline(baseline or default_baseline(encoder_ref))
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,

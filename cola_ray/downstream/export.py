@@ -11,7 +11,7 @@ and nothing is ever unpickled. Anything that does not match what ``config.json``
 (changed bytes, a missing or extra tensor, a wrong shape, an unknown format) is refused
 with an :class:`ExportError` naming the file::
 
-    encoder, info = resolve_encoder("models:/cola/3")       # cola_ray.encoders
+    encoder, info = resolve_encoder("models:/cola/3")       # cola_ray.downstream.encoders
     export_encoder(encoder, info, "exports/cola-v3")
     encoder = load_encoder("exports/cola-v3")               # (B, S) 16 kHz -> (B, D)
 """
@@ -28,9 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cola_ray import storage
+from cola_ray.data import storage
 from cola_ray.config import Config, ConfigError, DataConfig
-from cola_ray.encoder import WaveformEncoder
+from cola_ray.model.encoder import WaveformEncoder
 
 FORMAT = "cola-ray-encoder/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -46,7 +46,7 @@ def export_encoder(encoder: WaveformEncoder, info: Mapping[str, Any], out_dir: s
                    overwrite: bool = False) -> Path:
     """Write ``encoder`` to ``out_dir`` (created); returns the folder.
 
-    ``info`` is what :func:`cola_ray.encoders.resolve_encoder` returns next to the encoder.
+    ``info`` is what :func:`cola_ray.downstream.encoders.resolve_encoder` returns next to the encoder.
     Only ``info["model"]`` (the ModelConfig, as a dict or dataclass) is required: a
     WaveformEncoder does not keep its timm name. ``segment_samples`` defaults to the
     training crop (15600 = 96 frames); the feature config is the encoder's own;

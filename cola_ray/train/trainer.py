@@ -1,7 +1,7 @@
 """fit(cfg): the driver side of pre-training.
 
 Builds the streaming pair dataset, opens the MLflow run, and hands both to a
-``TorchTrainer`` whose workers run :func:`cola_ray.train_loop.train_loop_per_worker`.
+``TorchTrainer`` whose workers run :func:`cola_ray.train.loop.train_loop_per_worker`.
 A run lives in ``<storage_path>/<name>`` (local or s3://); starting a run with the name
 of one that has checkpoints there resumes it (Ray Train restores the latest checkpoint,
 and the MLflow run with that name continues).
@@ -21,11 +21,12 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cola_ray import cluster, storage, tracking
+from cola_ray.train import cluster, tracking
+from cola_ray.data import storage
 from cola_ray.config import Config, ConfigError
-from cola_ray.pipeline import SampleCounter, list_shards, read_pairs
-from cola_ray.checkpoint import CheckpointError, checkpoint_folders, read_state_at
-from cola_ray.train_loop import check_resume, train_loop_per_worker
+from cola_ray.data.pipeline import SampleCounter, list_shards, read_pairs
+from cola_ray.train.checkpoint import CheckpointError, checkpoint_folders, read_state_at
+from cola_ray.train.loop import check_resume, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def _resolve_shards(cfg: Config, echo) -> Config:
         return cfg
     import tempfile
 
-    from cola_ray import shards, synthetic
+    from cola_ray.data import shards, synthetic
 
     out = f"{cfg.storage_path.rstrip('/')}/_synthetic/shards"
     if not storage.is_s3(out):

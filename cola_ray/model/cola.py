@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.encoder import WaveformEncoder
-from cola_ray.loss import cola_loss
+from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.model.loss import cola_loss
 
 
 class ColaModel(nn.Module):
@@ -49,7 +49,7 @@ class ColaModel(nn.Module):
         Anchors and positives go through ONE encoder pass on (2B, S), as the authors' code,
         so batch-norm statistics are taken over both crops of every pair. ``clip_ids`` (B,)
         with ``model.mask_same_clip``: candidates cut from an anchor's own clip are not its
-        negatives (see :func:`cola_ray.loss.cola_loss`).
+        negatives (see :func:`cola_ray.model.loss.cola_loss`).
         """
         if anchor.shape != positive.shape:
             raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} differ")

@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 
 import ray
 
-from cola_ray import storage, tracking
+from cola_ray.data import storage
+from cola_ray.train import tracking
 from cola_ray.config import Config, ConfigError
 
 PROBE_TIMEOUT_S = 10.0

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import ray
 
-from cola_ray import audio, shards, storage
+from cola_ray.data import audio, shards, storage
 from cola_ray.config import DataConfig
 
 
@@ -226,7 +226,7 @@ def decode_and_crop(
     - ``decode="full"`` (default): decode the whole clip, :func:`audio.crop_pair` k times;
     - ``decode="seek"``: read only the crops (:func:`audio.seek_crop_pairs`);
     - ``cache_dir`` set: crops from this node's int16 PCM copy of the shard
-      (:mod:`cola_ray.cache`); on a miss the shard is decoded fully, cached, and cropped
+      (:mod:`cola_ray.data.cache`); on a miss the shard is decoded fully, cached, and cropped
       from the quantised clips (so a miss and a hit give the same pairs for the same rng).
 
     Samples that cannot be used are skipped and counted by reason (a cache hit reports
@@ -284,7 +284,7 @@ def _pairs(
     crop = dict(l2_normalize=data.clip_l2_normalize, noise_std=data.positive_noise_std, short=data.short_clips)
     where = dict(endpoint_url=data.s3_endpoint_url, region=data.s3_region)
     if data.cache_dir:
-        from cola_ray.cache import ShardCache
+        from cola_ray.data.cache import ShardCache
 
         cache = ShardCache(data.cache_dir, data.cache_max_bytes)
         name = cache.entry_name(url, _shard_version(row, data))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cola_ray import distributed
+from cola_ray.model import distributed
 
 
 def bilinear_logits(za: torch.Tensor, zp: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

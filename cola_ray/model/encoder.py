@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cola_ray.config import FeatureConfig, ModelConfig
-from cola_ray.features import LogMel
+from cola_ray.model.features import LogMel
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cola_ray.probe import BASELINE_TAG, BASELINES, KIND_TAG, TASK_TAG, matplotlib_available, open_tracking
+from cola_ray.downstream.probe import BASELINE_TAG, BASELINES, KIND_TAG, TASK_TAG, matplotlib_available, open_tracking
 
 AVERAGE = "Average"
 

@@ -37,9 +37,10 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 
-from cola_ray import audio, cluster, pipeline, shards, storage, tracking
-from cola_ray.pipeline import SampleCounter
-from cola_ray.tasks import TASK_FILE
+from cola_ray.data import audio, pipeline, shards, storage
+from cola_ray.train import cluster, tracking
+from cola_ray.data.pipeline import SampleCounter
+from cola_ray.data.tasks import TASK_FILE
 
 FORMAT = "cola-ray-embeddings/1"
 EMBEDDINGS_FILE = "embeddings.parquet"
@@ -84,7 +85,7 @@ def decode_segments(row: dict[str, Any], cfg: dict[str, Any], counter: Any | Non
     """One shard -> one row per segment of every good clip (a Ray Data task).
 
     Bad samples are skipped and counted by reason in ``counter`` (the pre-training
-    :class:`~cola_ray.pipeline.SampleCounter`), an unreadable shard once by name.
+    :class:`~cola_ray.data.pipeline.SampleCounter`), an unreadable shard once by name.
     """
     url = row["shard"]
     tally = pipeline.ShardTally(os.path.basename(url))
@@ -112,7 +113,7 @@ class EmbedSegments:
     def __init__(self, encoder_ref: str, tracking_uri: str, use_gpu: bool) -> None:
         import torch
 
-        from cola_ray.encoders import resolve_encoder
+        from cola_ray.downstream.encoders import resolve_encoder
 
         self.device = torch.device("cuda" if use_gpu else "cpu")
         encoder, _ = resolve_encoder(encoder_ref, tracking_uri=tracking_uri)
@@ -153,7 +154,7 @@ def embed(
     """Embed every segment of every clip in the shards at ``data``; return the folder ``out``.
 
     ``encoder_ref``: a checkpoint folder, export folder, MLflow run id, ``models:/...`` or
-    ``random:<timm-name>`` (:func:`cola_ray.encoders.resolve_encoder`). Inference runs in
+    ``random:<timm-name>`` (:func:`cola_ray.downstream.encoders.resolve_encoder`). Inference runs in
     ``num_actors`` Ray actors, each holding one encoder: one GPU each with ``use_gpu``,
     else ``cpus_per_actor`` CPUs (fractions allowed). Class indices follow
     ``<data>/task.json``'s ``classes`` when there is one, else the sorted labels of the
@@ -236,7 +237,7 @@ def read_task(data: str, endpoint_url: str = "", region: str = "") -> dict[str, 
 def task_classes(task: Mapping[str, Any]) -> list[str]:
     """The class labels of a task.json in index order ([] if it lists none).
 
-    :func:`cola_ray.tasks.prepare_task` writes ``[{"index", "label", ...}, ...]``; a plain
+    :func:`cola_ray.data.tasks.prepare_task` writes ``[{"index", "label", ...}, ...]``; a plain
     list of labels is taken as is.
     """
     entries = task.get("classes") or []

@@ -53,8 +53,8 @@ from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
-from cola_ray import storage
-from cola_ray.audio import AUDIO_SUFFIXES, BadSample, audio_member, decode_audio
+from cola_ray.data import storage
+from cola_ray.data.audio import AUDIO_SUFFIXES, BadSample, audio_member, decode_audio
 
 FORMAT = "cola-ray-shards/1"
 MANIFEST = "manifest.json"

@@ -38,9 +38,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from cola_ray import cluster, embed, tracking
+from cola_ray.train import cluster, tracking
+from cola_ray.downstream import embed
 from cola_ray.config import ConfigError, read_settings
-from cola_ray.probe import (
+from cola_ray.downstream.probe import (
     DEFAULT_EXPERIMENT,
     KIND_TAG,
     check_baseline,
@@ -306,7 +307,7 @@ def load_sweep_config(
 
     ``mode`` (``probe``, the default, or ``finetune``) picks the sweep; the other keys are
     the parameter names of :func:`sweep` or of
-    :func:`cola_ray.finetune_sweep.finetune_sweep`. An unknown key or a missing
+    :func:`cola_ray.downstream.finetune_sweep.finetune_sweep`. An unknown key or a missing
     ``encoder_ref`` / ``task`` is a :class:`~cola_ray.config.ConfigError` naming it.
     Run the result with :func:`run_sweep`.
     """
@@ -329,7 +330,7 @@ def load_sweep_config(
 
 def _sweep_function(mode: str) -> Any:
     if mode == "finetune":
-        from cola_ray.finetune_sweep import finetune_sweep
+        from cola_ray.downstream.finetune_sweep import finetune_sweep
 
         return finetune_sweep
     return sweep

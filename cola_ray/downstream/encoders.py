@@ -4,7 +4,7 @@ Every command that takes ``--encoder REF`` resolves it here. A reference is one 
 
     runs/cola-a/checkpoint_000000500        checkpoint folder (model.safetensors + state.json)
     s3://bucket/runs/cola-a/checkpoint_...  the same on S3 (downloaded to a temp folder)
-    exports/cola-v3  or  .../config.json    export folder (cola_ray.export)
+    exports/cola-v3  or  .../config.json    export folder (cola_ray.downstream.export)
     s3://bucket/exports/cola-v3             the same on S3
     5ea2f52d7c37475380bb917b3ef486de        MLflow run id: its latest checkpoints/ artifact,
                                             else the encoder it logged
@@ -14,9 +14,9 @@ Every command that takes ``--encoder REF`` resolves it here. A reference is one 
     runs:/<run id>/checkpoints/checkpoint_000000500   a checkpoint copied into a run
     random:efficientnet_b0                  random init (seed 0), default features: a baseline
 
-Whatever the source, the result is the same: a :class:`~cola_ray.encoder.WaveformEncoder`
+Whatever the source, the result is the same: a :class:`~cola_ray.model.encoder.WaveformEncoder`
 in eval mode on CPU ((B, S) 16 kHz waveforms -> (B, D)) and an ``info`` dict (JSON-able)
-saying what it is and where it came from, which :func:`cola_ray.export.export_encoder`
+saying what it is and where it came from, which :func:`cola_ray.downstream.export.export_encoder`
 takes as is. Weights are read from safetensors, or from an MLflow ``pt2`` model (MLflow
 checks it holds no pickle); pickled MLflow models are refused. A reference that resolves
 to nothing raises :class:`EncoderNotFound` naming it.
@@ -35,11 +35,11 @@ from typing import Any, Mapping
 
 import torch
 
-from cola_ray import storage
-from cola_ray.checkpoint import MODEL_FILE, STATE_FILE, load_encoder as load_checkpoint_encoder, read_state
+from cola_ray.data import storage
+from cola_ray.train.checkpoint import MODEL_FILE, STATE_FILE, load_encoder as load_checkpoint_encoder, read_state
 from cola_ray.config import Config, DataConfig, FeatureConfig, ModelConfig
-from cola_ray.encoder import WaveformEncoder
-from cola_ray.export import CONFIG_FILE, WEIGHTS_FILE, load_export
+from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.downstream.export import CONFIG_FILE, WEIGHTS_FILE, load_export
 
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
@@ -255,7 +255,7 @@ def _from_mlflow_model(ref: str, uri: str) -> tuple[WaveformEncoder, dict[str, A
 # ---- helpers ----------------------------------------------------------------------------
 
 def _tracking_uri(uri: str) -> str:
-    from cola_ray.tracking import resolve_tracking_uri
+    from cola_ray.train.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(uri)
 

@@ -1,7 +1,7 @@
 """End-to-end fine-tuning of an encoder + linear layer on a labelled task, with Ray Train.
 
 The paper's "COLA fine-tuned" and "supervised" columns of Table 1: the same protocol as
-the linear probe (:mod:`cola_ray.probe`), but the encoder is trained too::
+the linear probe (:mod:`cola_ray.downstream.probe`), but the encoder is trained too::
 
     shard urls --(random order)--> decode_and_crop_labelled (Ray Data tasks)
         --> rows {"wave": float32 (S,), "label": int64}      fresh crops every epoch
@@ -12,8 +12,8 @@ the linear probe (:mod:`cola_ray.probe`), but the encoder is trained too::
   (``weight_decay`` 0 = Adam), one learning rate for encoder and layer. BatchNorm is in
   train mode: the encoder is being trained.
 - Evaluate (clip level, BatchNorm in inference mode): the segment grid of
-  :func:`cola_ray.embed.split_segments` (``remainder="end"`` by default), each segment
-  through the encoder, then :func:`cola_ray.probe.evaluate` with the model's layer:
+  :func:`cola_ray.downstream.embed.split_segments` (``remainder="end"`` by default), each segment
+  through the encoder, then :func:`cola_ray.downstream.probe.evaluate` with the model's layer:
   logits averaged over each clip's segments, exactly as the probe. Validation after
   every epoch; test ONCE at the end, with the weights of the best validation epoch
   (``select="best"``, earliest on ties) or of the last epoch (``select="last"``).
@@ -23,7 +23,7 @@ the linear probe (:mod:`cola_ray.probe`), but the encoder is trained too::
 features and timm backbone; ``random:<timm>`` names one directly) with random weights.
 One MLflow run per call, tagged ``cola_ray.task`` and ``cola_ray.baseline`` ("COLA
 fine-tuned", or "supervised" from scratch / for a ``random:`` encoder), which is what
-:func:`cola_ray.report.report` reads::
+:func:`cola_ray.downstream.report.report` reads::
 
     r = finetune("runs/cola-1/checkpoint_000010000", "shards/spc2", epochs=30, num_workers=4, use_gpu=True)
     r.val_accuracy, r.test_accuracy, r.checkpoint
@@ -49,8 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cola_ray import audio, cluster, distributed, pipeline, shards, storage
-from cola_ray.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
+from cola_ray.data import audio, pipeline, shards, storage
+from cola_ray.train import cluster
+from cola_ray.model import distributed
+from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
                             evaluate, log_evaluation, log_metrics, log_params, open_tracking)
 
 SELECT = ("best", "last")
@@ -82,8 +84,8 @@ def build_encoder(encoder_ref: str, *, from_scratch: bool = False, seed: int = 0
     """The encoder to fine-tune: the reference's weights, or (``from_scratch``) its architecture
     freshly initialised from ``seed``. Returns ``(encoder in train mode, resolve_encoder's info)``."""
     from cola_ray.config import Config
-    from cola_ray.encoder import WaveformEncoder
-    from cola_ray.encoders import resolve_encoder
+    from cola_ray.model.encoder import WaveformEncoder
+    from cola_ray.downstream.encoders import resolve_encoder
 
     encoder, info = resolve_encoder(encoder_ref, tracking_uri=tracking_uri)
     if from_scratch:
@@ -132,10 +134,10 @@ def encode_split(encoder: nn.Module, urls: list[str], split: str, cfg: dict[str,
                  batch_size: int) -> dict[str, np.ndarray]:
     """Every segment of every labelled ``split`` clip in ``urls`` -> ``{"h" (N, D), "clip" (N,), "label_index" (N,)}``.
 
-    Segments come from :func:`cola_ray.embed.decode_segments`, the grid the probe's
+    Segments come from :func:`cola_ray.downstream.embed.decode_segments`, the grid the probe's
     embeddings are made of. The caller sets the encoder's mode (eval for evaluation).
     """
-    from cola_ray.embed import decode_segments
+    from cola_ray.downstream.embed import decode_segments
 
     index = {c: i for i, c in enumerate(cfg["classes"])}
     h, clips, labels, pending = [], [], [], []
@@ -162,7 +164,7 @@ def encode_split(encoder: nn.Module, urls: list[str], split: str, cfg: dict[str,
 
 def evaluate_split(core: Classifier, urls: list[str], split: str, cfg: dict[str, Any], device: torch.device,
                    batch_size: int) -> dict[str, Any]:
-    """Clip-level :func:`cola_ray.probe.evaluate` of ``core`` on ``split``, over all ranks.
+    """Clip-level :func:`cola_ray.downstream.probe.evaluate` of ``core`` on ``split``, over all ranks.
 
     Every rank encodes the clips of every ``world``-th shard and gathers the others', so
     all ranks get the same result (and take the same best-epoch decision).
@@ -310,7 +312,7 @@ class FinetuneJob:
     task_name: str
     baseline: str
     info: dict[str, Any]
-    """:func:`cola_ray.encoders.resolve_encoder`'s description of the encoder."""
+    """:func:`cola_ray.downstream.encoders.resolve_encoder`'s description of the encoder."""
 
     def with_settings(self, **changes: Any) -> "FinetuneJob":
         return FinetuneJob({**self.settings, **changes}, self.data, self.urls, self.task_name, self.baseline,
@@ -343,7 +345,7 @@ def plan(
     Bad input fails here, naming it: an unknown ``select`` / ``remainder``, a task path
     without shards, a task without classes, an encoder reference that does not resolve.
     """
-    from cola_ray import embed
+    from cola_ray.downstream import embed
 
     if select not in SELECT:
         raise ValueError(f"select must be one of {SELECT}, got {select!r}")
@@ -423,11 +425,11 @@ def finetune(
     ``train_loss``, ``train_accuracy`` (on that epoch's crops), ``epoch_val_accuracy``,
     ``epoch_val_loss``; at the end, for the selected weights: ``selected_epoch``,
     ``val_accuracy``, ``test_accuracy``, per-class accuracies and confusion matrices
-    (as :func:`cola_ray.probe.probe` names them), and with ``log_model`` the weights
+    (as :func:`cola_ray.downstream.probe.probe` names them), and with ``log_model`` the weights
     (``finetuned/``). The run lives in ``<storage_path>/<run name>`` for Ray Train.
     ``tags`` are added to the run's (e.g. a sweep's parent run id).
     """
-    from cola_ray import tracking
+    from cola_ray.train import tracking
 
     job = plan(encoder_ref, task, from_scratch=from_scratch, lr=lr, weight_decay=weight_decay, epochs=epochs,
                batch_size=batch_size, seed=seed, select=select, baseline=baseline, cpus_per_worker=cpus_per_worker,
@@ -475,7 +477,7 @@ def _history(client: Any, run_id: str) -> list[dict[str, float]]:
 def train_labels(urls: list[str], endpoint_url: str = "", region: str = "") -> list[str]:
     """Sorted labels of the train split, read from the samples' json (no audio decoded).
 
-    For tasks without ``task.json``; same rule as :func:`cola_ray.embed.embed` (every
+    For tasks without ``task.json``; same rule as :func:`cola_ray.downstream.embed.embed` (every
     label when no sample has a split).
     """
     train, every = set(), set()

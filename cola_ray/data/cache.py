@@ -52,7 +52,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cola_ray import audio
+from cola_ray.data import audio
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from cola_ray import shards, storage
+from cola_ray.data import shards, storage
 
 SPLITS = ("train", "validation", "test")
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -661,7 +661,7 @@ def synthetic_task(
     endpoint_url: str = "",
     region: str = "",
 ) -> str:
-    """A labelled task made of :mod:`cola_ray.synthetic` clips: shards + ``task.json`` at ``out``.
+    """A labelled task made of :mod:`cola_ray.data.synthetic` clips: shards + ``task.json`` at ``out``.
 
     For smoke runs and tests of the downstream path where no dataset is at hand: classes
     are the synthetic families (``classes`` gives their task.json order; default sorted),
@@ -669,7 +669,7 @@ def synthetic_task(
     ``out`` is kept (``build_shards`` resumes), so a re-run costs the clip synthesis only.
     The clips are written to ``clips_dir`` and kept there if it is given.
     """
-    from cola_ray import synthetic
+    from cola_ray.data import synthetic
 
     with tempfile.TemporaryDirectory(prefix="cola-synth-task-") as tmp:
         src = Path(clips_dir or tmp)

@@ -11,7 +11,7 @@ checkpoint. Stopping is by ``epochs`` or ``max_steps``, whichever comes first.
 
 A resumed run restarts the interrupted epoch's pass over the data (Ray Data restarts a
 streaming split from the beginning) but keeps the global step. Rank 0 logs through a
-local spool drained by a background thread (:class:`cola_ray.tracking.SpooledLogger`): a
+local spool drained by a background thread (:class:`cola_ray.train.tracking.SpooledLogger`): a
 slow or dead MLflow server never blocks a step, and the steps re-trained after a restore
 are not logged twice. A rank that waits longer than ``train.step_timeout_s`` for its
 next batch raises :class:`StallError` naming itself.
@@ -32,12 +32,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from cola_ray import distributed, storage
-from cola_ray.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
+from cola_ray.model import distributed
+from cola_ray.data import storage
+from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                  checkpoint_folders, load_checkpoint, read_state, save_checkpoint)
 from cola_ray.config import Config
-from cola_ray.pipeline import check_budget, collision_rate
-from cola_ray.tracking import SpooledLogger, redact
+from cola_ray.data.pipeline import check_budget, collision_rate
+from cola_ray.train.tracking import SpooledLogger, redact
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
 
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     model = ColaModel(cfg.features, cfg.model)
     if on_gpu and cfg.model.sync_batchnorm:
@@ -392,7 +393,7 @@ def _fail_together(rank: int, snap: dict[str, Any] | None, cfg: Config, device: 
             message = str(e)
     over = distributed.all_reduce(torch.tensor(float(bool(message)), device=device), op="max").item() > 0
     if over:
-        from cola_ray.pipeline import ErrorBudgetExceeded
+        from cola_ray.data.pipeline import ErrorBudgetExceeded
 
         raise ErrorBudgetExceeded(message or "error budget exceeded (see rank 0's error)")
 

@@ -1,12 +1,12 @@
 """A tracked Ray Tune sweep of fine-tuning: select on validation, report test once.
 
-The fine-tuning counterpart of :mod:`cola_ray.sweep` (the probe's sweep)::
+The fine-tuning counterpart of :mod:`cola_ray.downstream.sweep` (the probe's sweep)::
 
     N trials (a Tune function each)
         trial --> TorchTrainer "<sweep>-<trial id>" (Ray Train workers, Ray Data crops)
               --> TuneReportCallback: one Tune result per epoch (epoch_val_accuracy ...)
         ASHA stops the trials behind on epoch_val_accuracy (the trial, and with it its trainer)
-    best trial on VALIDATION --> fine-tuned again with its config (cola_ray.finetune.finetune)
+    best trial on VALIDATION --> fine-tuned again with its config (cola_ray.downstream.finetune.finetune)
         --> TEST accuracy, reported once, on the parent run
 
 Ray 2.60 no longer takes a TorchTrainer as a Tune trainable: each trial is a function
@@ -39,10 +39,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from cola_ray import cluster, finetune, storage, tracking
-from cola_ray.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, log_metrics,
+from cola_ray.train import cluster, tracking
+from cola_ray.downstream import finetune
+from cola_ray.data import storage
+from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, log_metrics,
                             log_params, open_tracking)
-from cola_ray.sweep import PARENT_TAG, SweepResult, TrialRuns, _close_children
+from cola_ray.downstream.sweep import PARENT_TAG, SweepResult, TrialRuns, _close_children
 
 METRIC = "epoch_val_accuracy"
 TRIAL_METRICS = ("train_loss", "train_accuracy", "epoch_val_accuracy", "epoch_val_loss")
@@ -117,7 +119,7 @@ def finetune_sweep(
                             f"{time.strftime('%Y%m%d-%H%M%S')}")
     parent = client.create_run(exp_id, run_name=run_name, tags={
         KIND_TAG: "sweep", ENCODER_TAG: encoder_ref, TASK_TAG: job.task_name, BASELINE_TAG: job.baseline,
-        "cola_ray.sweep": "finetune", "cola_ray.from_scratch": str(from_scratch).lower()})
+        "cola_ray.downstream.sweep": "finetune", "cola_ray.from_scratch": str(from_scratch).lower()})
     parent_id = parent.info.run_id
     max_epochs = max(int(e) for e in epoch_choices)
     space = {"lr": tune.loguniform(*lr_range), "weight_decay": tune.choice(list(weight_decay_choices)),

@@ -111,7 +111,7 @@ def read_state(folder: str | Path) -> TrainState:
 def checkpoint_folders(run_dir: str, endpoint_url: str = "", region: str = "") -> list[tuple[int, str]]:
     """``(step, folder)`` of every ``checkpoint_<step>`` under ``run_dir`` (local or s3://)
     that has its ``state.json`` (written last), newest first; [] when there is none."""
-    from cola_ray import storage
+    from cola_ray.data import storage
 
     try:
         states = storage.list_files(run_dir, STATE_FILE, endpoint_url, region)
@@ -128,7 +128,7 @@ def checkpoint_folders(run_dir: str, endpoint_url: str = "", region: str = "") -
 
 def read_state_at(folder: str, endpoint_url: str = "", region: str = "") -> TrainState:
     """:func:`read_state` of a folder that may be in S3 (reads ``state.json`` only)."""
-    from cola_ray import storage
+    from cola_ray.data import storage
 
     url = f"{folder.rstrip('/')}/{STATE_FILE}"
     state, _ = _parse_state(storage.read_bytes(url, endpoint_url, region), url)
@@ -167,7 +167,7 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module,
 
 def load_encoder(folder: str | Path) -> torch.nn.Module:
     """The WaveformEncoder (waveform -> h) of a checkpoint, in eval mode, on CPU."""
-    from cola_ray.model import ColaModel
+    from cola_ray.model.cola import ColaModel
 
     state = read_state(folder)
     cfg = Config.from_dict(state.config)
