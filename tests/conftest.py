@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from services import start_mlflow_server, stop_process_group
+from helpers.services import start_mlflow_server, stop_process_group
 
-pytest_plugins = ["fixtures_s3"]
+pytest_plugins = ["helpers.fixtures_s3"]
 
 BIN = Path(sys.executable).parent
 

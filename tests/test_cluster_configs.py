@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.paths import REPO
 CLUSTER = REPO / "cluster"
 AWS_YAML = CLUSTER / "aws.yaml"
 RUNTIME_ENV_YAML = CLUSTER / "runtime_env.yaml"

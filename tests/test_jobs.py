@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from services import free_port
+from helpers.services import free_port
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.paths import REPO
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0
@@ -297,7 +297,7 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from factories import hand_made_checkpoint
+    from helpers.factories import hand_made_checkpoint
 
     encoder = hand_made_checkpoint(tmp_path / "ckpt")
     db, report_dir = tmp_path / "mlflow.db", tmp_path / "report"

@@ -25,8 +25,8 @@ from cola_ray.downstream.embed import split_segments
 from cola_ray.downstream.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
                                train_labels)
 from cola_ray.downstream.report import report
-from factories import hand_made_checkpoint, labelled_task
-from services import kill_session
+from helpers.factories import hand_made_checkpoint, labelled_task
+from helpers.services import kill_session
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-finetune"

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faultproxy import FaultProxy
+from helpers.faultproxy import FaultProxy
 
 from cola_ray.data import audio, shards, storage, synthetic
 from cola_ray.train.checkpoint import (OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState, load_checkpoint,

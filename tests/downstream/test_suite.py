@@ -9,9 +9,9 @@ import pytest
 
 from cola_ray.config import ConfigError
 from cola_ray.downstream.suite import load_suite_config, run_suite
-from factories import hand_made_checkpoint
+from helpers.factories import hand_made_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.paths import REPO
 SMOKE = REPO / "jobs" / "configs" / "downstream-smoke.yaml"
 
 
@@ -51,7 +51,7 @@ def test_unresolvable_encoder_fails_before_any_work(tmp_path):
 def test_a_failed_cell_is_named_and_the_others_go_on(ray_local, tmp_path):
     """Two tasks, one without shards: its cell fails naming the path, the other still runs,
     the report is written from what finished, and the suite raises at the end."""
-    from factories import labelled_task
+    from helpers.factories import labelled_task
 
     encoder = hand_made_checkpoint(tmp_path / "ckpt")
     good = labelled_task(tmp_path / "good", ["tones", "chirps"], n_clips=16, name="good", max_samples=8)

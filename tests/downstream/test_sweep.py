@@ -22,11 +22,12 @@ from cola_ray.downstream.encoders import resolve_encoder
 from cola_ray.downstream.probe import cached_embeddings, probe
 from cola_ray.downstream.report import report
 from cola_ray.downstream.sweep import load_sweep_config, sweep
-from factories import hand_made_checkpoint, labelled_task
+from helpers.factories import hand_made_checkpoint, labelled_task
+from helpers.paths import CONFIGS
 
 CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-downstream"
-SWEEP_YAML = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sweep.yaml"
+SWEEP_YAML = CONFIGS / "sweep.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout
 def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from services import start_mlflow_server, stop_process_group
+    from helpers.services import start_mlflow_server, stop_process_group
 
     from cola_ray.data import shards, synthetic, storage
 
@@ -231,5 +231,5 @@ def _main(args: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the helpers package
     _main(json.loads(sys.argv[1]))

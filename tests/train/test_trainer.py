@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
 from cola_ray.train.trainer import fit
-from factories import tiny_config as tiny
+from helpers.factories import tiny_config as tiny
 
 pytestmark = pytest.mark.slow
 

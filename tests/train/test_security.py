@@ -76,7 +76,7 @@ def test_params_of_a_run_mask_credentials_in_config_urls(tmp_path):
 def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from services import start_mlflow_server, stop_process_group
+    from helpers.services import start_mlflow_server, stop_process_group
 
     from cola_ray.data import shards, storage, synthetic
 

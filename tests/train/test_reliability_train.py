@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from services import free_port, stop_process_group, wait_http
+from helpers.services import free_port, stop_process_group, wait_http
 
 from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
 from cola_ray.train.trainer import fit
-from factories import tiny_config
+from helpers.factories import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """A real S3 API for tests: moto's standalone server on 127.0.0.1, started once a session.
 
-Registered from conftest.py with ``pytest_plugins = ["fixtures_s3"]``.
+Registered from conftest.py with ``pytest_plugins = ["helpers.fixtures_s3"]``.
 
 - ``moto_s3``: starts ``moto_server`` on a free port (bounded wait), points the AWS env
   vars at it for the session (restored afterwards), yields the endpoint URL and stops the
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from services import free_port, stop_process_group, wait_http
+from helpers.services import free_port, stop_process_group, wait_http
 
 STARTUP_TIMEOUT_S = 30.0
 

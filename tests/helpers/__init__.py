@@ -1,0 +1,3 @@
+"""Test helpers, one per job: paths (``paths``), free ports, process trees and servers
+(``services``), S3 (``fixtures_s3``, ``faultproxy``), audio, shards and configs
+(``factories``)."""
