@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_export.add_argument("--tracking-uri", default="", help="MLflow tracking URI for MLflow references")
     p_export.add_argument("--overwrite", action="store_true", help="replace an export already at OUT")
 
-    baselines = ("random init", "supervised", "COLA frozen", "COLA fine-tuned")
+    from cola_ray.downstream.tags import BASELINES as baselines
 
     p_embed = sub.add_parser("embed", help="frozen embeddings of every segment of a labelled task (Ray Data)")
     p_embed.add_argument("--encoder", required=True, help=encoder_help)

@@ -103,6 +103,20 @@ class FeatureConfig:
     """Zero the DC bin's mel weights, as the authors' code does."""
 
 
+BILINEAR_INITS = ("normal", "identity", "zeros")
+
+
+BILINEAR_SCALES = ("none", "sqrt", "learnable")
+
+
+def bilinear_scale(value: str, proj_dim: int) -> float | None:
+    """``model.bilinear_scale`` -> the fixed multiplier of the bilinear logits, or None for
+    ``learnable`` (the model learns it, starting at 1/sqrt(proj_dim)); raises ValueError."""
+    if value not in BILINEAR_SCALES:
+        raise ValueError(f"one of {', '.join(BILINEAR_SCALES)}, got {value!r}")
+    return {"none": 1.0, "sqrt": proj_dim ** -0.5, "learnable": None}[value]
+
+
 @dataclass
 class ModelConfig:
     """Encoder f, projection g, and the similarity."""
@@ -116,6 +130,14 @@ class ModelConfig:
     """``bilinear`` (g(a)^T W g(p)) or ``cosine`` (divided by ``temperature``)."""
     temperature: float = 0.2
     bilinear_init_std: float = 0.05
+    bilinear_init: str = "normal"
+    """How W starts: ``normal`` (N(0, bilinear_init_std), the paper), ``identity`` (I: the
+    score starts as the dot product of the projections, so positives score highest from
+    step 0), ``zeros`` (all logits 0 at step 0)."""
+    bilinear_scale: str = "none"
+    """Scale of the bilinear logits: ``none`` (the paper), ``sqrt`` (divided by sqrt(proj_dim):
+    logits of unit scale at init), ``learnable`` (a learned log-scale, as CLIP's, starting at
+    1/sqrt(proj_dim), bounded to at most 100)."""
     gather_negatives: bool = True
     """Positives of every worker are negatives for every anchor (all-gather with grad)."""
     mask_same_clip: bool = True
@@ -134,6 +156,10 @@ class TrainConfig:
     batch_size: int = 1024
     """GLOBAL batch = number of pairs per step = negatives + 1 per anchor; split over workers."""
     lr: float = 1e-4
+    bilinear_lr: float = 0.0
+    """Adam's learning rate for the bilinear W and its scale (0 = ``lr``): W has proj_dim^2
+    entries of scale ``bilinear_init_std``, so at lr 1e-4 it needs ~500 steps to move by its
+    own size."""
     weight_decay: float = 0.0
     epochs: int = 500
     max_steps: int = 0
@@ -250,6 +276,22 @@ class Config:
             raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
         if m.similarity not in ("bilinear", "cosine"):
             raise ConfigError(f"model.similarity must be 'bilinear' or 'cosine', got {m.similarity!r}")
+        if m.bilinear_init not in BILINEAR_INITS:
+            raise ConfigError(f"model.bilinear_init must be one of {', '.join(BILINEAR_INITS)}, got {m.bilinear_init!r}")
+        try:
+            bilinear_scale(m.bilinear_scale, m.proj_dim)
+        except ValueError as e:
+            raise ConfigError(f"model.bilinear_scale: {e}") from None
+        if m.similarity != "bilinear":
+            paper = ModelConfig()
+            for key in ("bilinear_init", "bilinear_scale"):
+                if getattr(m, key) != getattr(paper, key):
+                    raise ConfigError(f"model.{key}={getattr(m, key)!r} needs model.similarity=bilinear "
+                                      f"(it is {m.similarity!r})")
+            if t.bilinear_lr:
+                raise ConfigError(f"train.bilinear_lr needs model.similarity=bilinear (it is {m.similarity!r})")
+        if t.bilinear_lr < 0:
+            raise ConfigError(f"train.bilinear_lr must be >= 0 (0 = train.lr), got {t.bilinear_lr}")
         if d.short_clips not in ("pad", "skip"):
             raise ConfigError(f"data.short_clips must be 'pad' or 'skip', got {d.short_clips!r}")
         if t.prefetch_batches < 0:

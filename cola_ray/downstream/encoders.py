@@ -13,6 +13,8 @@ Every command that takes ``--encoder REF`` resolves it here. A reference is one 
     runs:/<run id>/encoder                  MLflow model logged in a run
     runs:/<run id>/checkpoints/checkpoint_000000500   a checkpoint copied into a run
     random:efficientnet_b0                  random init (seed 0), default features: a baseline
+    logmel                                  log-mel mean + std over frames (default features):
+                                            the hand-made baseline, nothing learned
 
 Whatever the source, the result is the same: a :class:`~cola_ray.model.encoder.WaveformEncoder`
 in eval mode on CPU ((B, S) 16 kHz waveforms -> (B, D)) and an ``info`` dict (JSON-able)
@@ -38,7 +40,7 @@ import torch
 from cola_ray.data import storage
 from cola_ray.train.checkpoint import MODEL_FILE, STATE_FILE, load_encoder as load_checkpoint_encoder, read_state
 from cola_ray.config import Config, DataConfig, FeatureConfig, ModelConfig
-from cola_ray.model.encoder import WaveformEncoder
+from cola_ray.model.encoder import LOGMEL, LogMelStats, WaveformEncoder
 from cola_ray.downstream.export import CONFIG_FILE, WEIGHTS_FILE, load_export
 
 RANDOM_PREFIX = "random:"
@@ -51,7 +53,7 @@ KINDS = (
     "expected one of: a checkpoint folder (model.safetensors + state.json, local or s3://), an "
     "export folder or its config.json (local or s3://), an MLflow run id, an MLflow model URI "
     "(models:/<name>/<version>, models:/<name>@<alias>, models:/m-<id>, runs:/<run id>/<path>), "
-    "or random:<timm model name>"
+    "random:<timm model name>, or logmel (hand-made log-mel statistics)"
 )
 
 
@@ -62,7 +64,7 @@ class EncoderNotFound(FileNotFoundError):
 def resolve_encoder(ref: str, *, tracking_uri: str = "") -> tuple[WaveformEncoder, dict[str, Any]]:
     """``ref`` -> ``(encoder, info)``; the encoder is in eval mode on CPU.
 
-    ``info`` keys: ``ref``, ``kind`` (checkpoint, export, mlflow-model, random), ``source``
+    ``info`` keys: ``ref``, ``kind`` (checkpoint, export, mlflow-model, random, features), ``source``
     (what was actually read), ``encoder`` (timm name), ``embedding_dim``, ``sample_rate``,
     ``segment_samples``, ``features`` and ``model`` (config dicts), ``mlflow_run_id``,
     ``step`` and ``shards`` (empty / None when unknown). ``tracking_uri`` is used for MLflow
@@ -73,6 +75,8 @@ def resolve_encoder(ref: str, *, tracking_uri: str = "") -> tuple[WaveformEncode
         raise EncoderNotFound(f"empty encoder reference; {KINDS}")
     if ref.startswith(RANDOM_PREFIX):
         return _random(ref)
+    if ref == LOGMEL:
+        return _logmel(ref)
     if ref.startswith(("models:/", "runs:/")):
         return _from_mlflow_uri(ref, _tracking_uri(tracking_uri))
     if storage.is_s3(ref):
@@ -98,6 +102,12 @@ def _random(ref: str) -> tuple[WaveformEncoder, dict[str, Any]]:
         except ValueError as e:
             raise EncoderNotFound(f"encoder reference {ref!r}: {e}") from e
     return encoder.eval(), _info(ref, "random", ref, cfg, encoder)
+
+
+def _logmel(ref: str) -> tuple[LogMelStats, dict[str, Any]]:
+    cfg = Config(model=ModelConfig(encoder=LOGMEL))
+    encoder = LogMelStats(cfg.features)
+    return encoder.eval(), _info(ref, "features", ref, cfg, encoder)
 
 
 def _from_local(path: Path, ref: str, source: str = "") -> tuple[WaveformEncoder, dict[str, Any]]:

@@ -36,13 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BASELINES = ("random init", "supervised", "COLA frozen", "COLA fine-tuned")
-"""The paper's Table 1 columns; every probe / sweep run is tagged with one."""
-TASK_TAG = "cola_ray.task"
-BASELINE_TAG = "cola_ray.baseline"
-KIND_TAG = "cola_ray.kind"
-ENCODER_TAG = "cola_ray.model.encoder"
-DEFAULT_EXPERIMENT = "cola-ray-downstream"
+from cola_ray.downstream.tags import (BASELINE_TAG, BASELINES, DEFAULT_EXPERIMENT, ENCODER_TAG,  # noqa: F401
+                                      KIND_TAG, TASK_TAG)
 
 
 # ---- evaluation: clip level, logits averaged ---------------------------------------------
@@ -221,7 +216,10 @@ def open_tracking(tracking_uri: str = "") -> tuple[str, Any]:
 
 
 def default_baseline(encoder_ref: str) -> str:
-    """``random init`` for ``random:<model>``, else ``COLA frozen`` (a frozen pre-trained encoder)."""
+    """``random init`` for ``random:<model>``, ``log-mel`` for ``logmel``, else ``COLA frozen``
+    (a frozen pre-trained encoder)."""
+    if encoder_ref == "logmel":
+        return "log-mel"
     return "random init" if encoder_ref.startswith("random:") else "COLA frozen"
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cola_ray.config import FeatureConfig, ModelConfig
+import math
+
+from cola_ray.config import FeatureConfig, ModelConfig, bilinear_scale
 from cola_ray.model.encoder import WaveformEncoder
 from cola_ray.model.loss import cola_loss
 
@@ -22,7 +24,16 @@ class ColaModel(nn.Module):
     - ``head`` (the paper's g): Linear(D, proj_dim) -> LayerNorm -> tanh for the bilinear
       similarity, a single Linear for cosine (as the authors' code); discarded after
       pre-training.
-    - ``W``: (proj_dim, proj_dim) bilinear matrix, N(0, bilinear_init_std); ``None`` for cosine.
+    - ``W``: (proj_dim, proj_dim) bilinear matrix (``model.bilinear_init``: N(0,
+      bilinear_init_std) as the paper, identity or zeros); ``None`` for cosine.
+    - ``logit_scale``: with ``model.bilinear_scale=learnable``, the log of the multiplier of
+      the bilinear logits (as CLIP's), starting at log(1/sqrt(proj_dim)); otherwise ``None``
+      and the multiplier is the fixed ``scale`` (1 for the paper).
+
+    Why the options: with the paper's init the logits of random pairs have a standard
+    deviation of about proj_dim * var(tanh) * 0.05 ~ 10 (512 features), unrelated to which
+    candidate is the positive, so the first loss is ~25 nats instead of log(batch) and
+    training waits until Adam has moved every entry of W by its own size.
     """
 
     def __init__(self, features: FeatureConfig, model: ModelConfig) -> None:
@@ -37,10 +48,23 @@ class ColaModel(nn.Module):
         dim, proj = self.encoder.embedding_dim, model.proj_dim
         if self.similarity == "bilinear":
             self.head = nn.Sequential(nn.Linear(dim, proj), nn.LayerNorm(proj), nn.Tanh())
-            self.W = nn.Parameter(torch.randn(proj, proj) * model.bilinear_init_std)
+            if model.bilinear_init == "identity":
+                w = torch.eye(proj)
+            elif model.bilinear_init == "zeros":
+                w = torch.zeros(proj, proj)
+            else:
+                w = torch.randn(proj, proj) * model.bilinear_init_std
+            self.W = nn.Parameter(w)
+            self.scale = bilinear_scale(model.bilinear_scale, proj)
+            if self.scale is None:
+                self.logit_scale = nn.Parameter(torch.tensor(math.log(proj ** -0.5)))
+            else:
+                self.register_parameter("logit_scale", None)
         else:
             self.head = nn.Linear(dim, proj)
             self.register_parameter("W", None)  # no unused parameter for DDP to wait on
+            self.register_parameter("logit_scale", None)
+            self.scale = 1.0
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
                 clip_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -60,6 +84,7 @@ class ColaModel(nn.Module):
             z[b:],
             similarity=self.similarity,
             W=self.W,
+            scale=self.logit_scale.clamp(max=math.log(100.0)).exp() if self.logit_scale is not None else self.scale,
             temperature=self.temperature,
             gather=self.gather_negatives,
             clip_ids=clip_ids if self.mask_same_clip else None,
@@ -69,3 +94,7 @@ class ColaModel(nn.Module):
     def embed(self, wave: torch.Tensor) -> torch.Tensor:
         """``wave`` (B, S) -> h (B, embedding_dim): the representation used downstream."""
         return self.encoder(wave)
+
+    def similarity_parameters(self) -> list[nn.Parameter]:
+        """W and the learned logit scale (``train.bilinear_lr`` applies to these)."""
+        return [p for p in (self.W, self.logit_scale) if p is not None]

@@ -98,3 +98,25 @@ class WaveformEncoder(nn.Module):
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
+
+
+LOGMEL = "logmel"
+"""The encoder name of the hand-made baseline, :class:`LogMelStats`."""
+
+
+class LogMelStats(nn.Module):
+    """The hand-made baseline as an encoder: ``(B, S)`` -> ``(B, 2 * n_mels)``, the mean and
+    the standard deviation over frames of each log-mel band (mean first), with the same
+    frontend pre-training uses. Nothing is learned; every table can show what learning adds
+    over these features."""
+
+    def __init__(self, features: FeatureConfig) -> None:
+        super().__init__()
+        self.sample_rate = features.sample_rate
+        self.frontend = LogMel(features)
+        self.embedding_dim = 2 * features.n_mels
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``wave`` (B, S) float -> (B, 2 * n_mels)."""
+        x = self.frontend(wave).squeeze(1)  # (B, n_mels, T)
+        return torch.cat([x.mean(dim=-1), x.std(dim=-1, unbiased=False)], dim=1)

@@ -34,6 +34,7 @@ def cola_loss(
     *,
     similarity: str,
     W: torch.Tensor | None = None,
+    scale: torch.Tensor | float = 1.0,
     temperature: float = 0.2,
     gather: bool = True,
     clip_ids: torch.Tensor | None = None,
@@ -46,7 +47,8 @@ def cola_loss(
     ``loss`` is the mean over this worker's rows; ``accuracy`` the fraction of rows whose
     top-1 is their positive (no gradient). Every worker must pass the same B.
 
-    ``clip_ids`` (B,) integers, the clip each pair was cut from: with ``pairs_per_clip > 1``
+    ``scale`` multiplies the bilinear logits (a float or a learned scalar tensor; 1 in the
+    paper). ``clip_ids`` (B,) integers, the clip each pair was cut from: with ``pairs_per_clip > 1``
     two pairs of one clip can share a (global) batch, and the other pair's positive is then
     a crop of the anchor's own clip scored as a negative. Such candidates are masked out
     (logit -inf) for that anchor; its own positive never is. None: no masking (the paper).
@@ -68,6 +70,8 @@ def cola_loss(
             if W is None:
                 raise ValueError("similarity='bilinear' needs the bilinear matrix W")
             logits = bilinear_logits(za, candidates, W.to(dtype))
+            if not (isinstance(scale, float) and scale == 1.0):
+                logits = logits * (scale.to(dtype) if torch.is_tensor(scale) else scale)
         elif similarity == "cosine":
             logits = cosine_logits(za, candidates, temperature)
         else:
