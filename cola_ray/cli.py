@@ -258,7 +258,7 @@ def _run(args: argparse.Namespace) -> int:
               f"test accuracy {result.test_accuracy:.1%}; MLflow run {result.run_id}; weights {result.checkpoint}")
         return 0
     if args.command == "sweep":
-        from cola_ray.downstream.sweep import describe, load_sweep_config, run_sweep
+        from cola_ray.downstream.sweep_config import describe, load_sweep_config, run_sweep
 
         settings = load_sweep_config(args.config, args.overrides, {
             "encoder_ref": args.encoder, "task": args.task, "mode": args.mode, "from_scratch": args.from_scratch,

@@ -101,6 +101,10 @@ class FeatureConfig:
     log_ceiling: float = 1e8
     zero_dc: bool = True
     """Zero the DC bin's mel weights, as the authors' code does."""
+    normalize: str = "none"
+    """Input normalisation of the log-mel before the encoder: ``none`` (the paper) or
+    ``running`` (per mel bin, mean and variance tracked over training batches as batch
+    norm's running statistics, used as they are at evaluation). Saved with the encoder."""
 
 
 BILINEAR_INITS = ("normal", "identity", "zeros")
@@ -164,6 +168,13 @@ class TrainConfig:
     epochs: int = 500
     max_steps: int = 0
     """Stop after this many optimiser steps in total (0 = run all epochs)."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training in total, resumes included (0 = no time
+    limit). Rank 0's clock decides at each log step and every worker stops at that step."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0 over this many steps (0 = none, the paper)."""
+    lr_decay: str = "none"
+    """``none`` (constant, the paper) or ``cosine`` (to 0 at ``max_steps``; needs max_steps)."""
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -189,6 +200,37 @@ class TrainConfig:
     """On GPU: pin host batches so Ray's copy to the device is non-blocking (no effect on CPU)."""
     prefetch_batches: int = 1
     """Batches each training worker's iterator prepares ahead of the step (Ray's default 1)."""
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentations of the training crops, on the training device, all off by default (the
+    paper uses none). Each is drawn per pair from a generator seeded by (train.seed, world
+    rank, step), so a run and its resume draw the same ones."""
+
+    gain_db: float = 0.0
+    """Random gain, uniform in [-gain_db, +gain_db] dB, on each crop (before the L2-free
+    log-mel: loudness is a nuisance the encoder should not key on)."""
+    mix_prob: float = 0.0
+    """Probability that a crop is mixed with a crop of another clip of the batch ..."""
+    mix_min_snr_db: float = 5.0
+    mix_max_snr_db: float = 20.0
+    """... at an SNR drawn uniformly from [min, max] dB (the crop's own energy over the other's)."""
+    noise_prob: float = 0.0
+    """Probability of white noise added at an SNR drawn uniformly from [min, max] dB."""
+    noise_min_snr_db: float = 10.0
+    noise_max_snr_db: float = 30.0
+    time_shift: float = 0.0
+    """Circular shift of each crop by up to this fraction of its length."""
+    freq_mask: int = 0
+    """SpecAugment-style frequency masking on the log-mel: up to this many mel bins, one band."""
+    time_mask: int = 0
+    """SpecAugment-style time masking on the log-mel: up to this many frames, one band."""
+
+    @property
+    def active(self) -> bool:
+        return any((self.gain_db, self.mix_prob, self.noise_prob, self.time_shift, self.freq_mask,
+                    self.time_mask))
 
 
 @dataclass
@@ -229,6 +271,7 @@ class Config:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # ---- conversions -------------------------------------------------------------
@@ -290,6 +333,29 @@ class Config:
                                       f"(it is {m.similarity!r})")
             if t.bilinear_lr:
                 raise ConfigError(f"train.bilinear_lr needs model.similarity=bilinear (it is {m.similarity!r})")
+        if t.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes must be >= 0 (0 = no time limit), got {t.max_minutes}")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        if t.lr_decay not in ("none", "cosine"):
+            raise ConfigError(f"train.lr_decay must be 'none' or 'cosine', got {t.lr_decay!r}")
+        if t.lr_decay == "cosine" and t.max_steps < 1:
+            raise ConfigError("train.lr_decay=cosine decays to 0 at train.max_steps: set train.max_steps")
+        if f.normalize not in ("none", "running"):
+            raise ConfigError(f"features.normalize must be 'none' or 'running', got {f.normalize!r}")
+        a = self.augment
+        for key in ("mix_prob", "noise_prob"):
+            if not 0.0 <= getattr(a, key) <= 1.0:
+                raise ConfigError(f"augment.{key} must be in [0, 1], got {getattr(a, key)}")
+        for key in ("mix", "noise"):
+            lo, hi = getattr(a, f"{key}_min_snr_db"), getattr(a, f"{key}_max_snr_db")
+            if lo > hi:
+                raise ConfigError(f"augment.{key}_min_snr_db={lo} is above augment.{key}_max_snr_db={hi}")
+        if a.gain_db < 0 or not 0.0 <= a.time_shift < 1.0 or a.freq_mask < 0 or a.time_mask < 0:
+            raise ConfigError("augment.gain_db, freq_mask and time_mask must be >= 0 and augment.time_shift "
+                              f"in [0, 1), got {a.gain_db}, {a.freq_mask}, {a.time_mask}, {a.time_shift}")
+        if a.freq_mask >= f.n_mels:
+            raise ConfigError(f"augment.freq_mask={a.freq_mask} must be below features.n_mels={f.n_mels}")
         if t.bilinear_lr < 0:
             raise ConfigError(f"train.bilinear_lr must be >= 0 (0 = train.lr), got {t.bilinear_lr}")
         if d.short_clips not in ("pad", "skip"):

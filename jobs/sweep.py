@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cola_ray.config import ConfigError  # noqa: E402
-from cola_ray.downstream.sweep import describe, load_sweep_config, run_sweep  # noqa: E402
+from cola_ray.downstream.sweep_config import describe, load_sweep_config, run_sweep  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -7,15 +7,23 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 from helpers.services import start_mlflow_server, stop_process_group
 
 pytest_plugins = ["helpers.fixtures_s3"]
 
-BIN = Path(sys.executable).parent
+# The fast tier (``pytest -m "not slow"``) leaves out every test that starts Ray, a server
+# or a subprocess, or trains a model: by the fixtures it uses, by module, or by its own mark.
+SLOW_FIXTURES = {"ray_local", "mlflow_server", "moto_s3"}
+SLOW_MODULES = {"test_cli.py", "test_distributed.py"}  # the CLI as a subprocess; DDP process groups
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 
 @pytest.fixture(scope="session")

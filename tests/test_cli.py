@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from cola_ray.data import synthetic
+from helpers import paths
 
-CLI = [str(Path(sys.executable).parent / "cola-ray")]
+CLI = [str(paths.CLI)]
 
 
 def run(*args, timeout=120):

@@ -408,7 +408,7 @@ def test_rayjob_entrypoint_files_exist(which):
 def test_sweep_rayjob_loads_under_its_environment(monkeypatch):
     """The sweep entrypoint's config resolves, from the job's env_vars, to S3 inputs and a
     tracking server (not the laptop defaults: a local sqlite file, /tmp)."""
-    from cola_ray.downstream.sweep import load_sweep_config
+    from cola_ray.downstream.sweep_config import load_sweep_config
 
     job = _rayjob("sweep")
     script, config, overrides = _entrypoint(job)

@@ -7,6 +7,7 @@ import yaml
 
 from cola_ray.config import Config, ConfigError, load_config, n_frames
 from cola_ray.demo import DEMO_OVERRIDES
+from helpers.paths import CONFIGS
 
 
 def test_defaults_are_the_papers():
@@ -61,11 +62,11 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["paper", "smoke", "demo"])
+@pytest.mark.parametrize("name", ["paper", "smoke", "demo", "laptop"])
 def test_shipped_job_configs_load(name, monkeypatch):
     for var in ("COLA_RUN_NAME", "COLA_STORAGE_PATH", "COLA_SHARDS", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
-    cfg = load_config(f"jobs/configs/{name}.yaml")
+    cfg = load_config(CONFIGS / f"{name}.yaml")
     if name == "paper":
         assert cfg.model.encoder == "efficientnet_b0" and cfg.train.batch_size == 1024
         assert cfg.train.lr == 1e-4 and cfg.model.similarity == "bilinear"
@@ -73,7 +74,7 @@ def test_shipped_job_configs_load(name, monkeypatch):
 
 def test_demo_yaml_matches_the_demo_command():
     """jobs/configs/demo.yaml is what `cola-ray demo` runs: they must not drift apart."""
-    cfg = load_config("jobs/configs/demo.yaml").flat()
+    cfg = load_config(CONFIGS / "demo.yaml").flat()
     for item in DEMO_OVERRIDES:
         key, _, value = item.partition("=")
         assert cfg[key] == yaml.safe_load(value), key

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from mlflow.tracking import MlflowClient
+
+from helpers.paths import CLI
+from helpers.services import run_in_session
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +22,18 @@ def _probe_scores(stdout: str) -> dict[str, tuple[float, float]]:
 def test_demo_runs_end_to_end_and_pretraining_beats_random_init(tmp_path):
     """The README's first command as a newcomer runs it (default corpus, default schedule):
     the run is in MLflow, and the linear probe ranks the pre-trained encoder above the same
-    architecture at random init. The ordering is asserted, not a number (measured: 70-75%
-    vs 61% test)."""
+    architecture at random init by a margin (measured: 70-75% vs 61% test)."""
     workdir = tmp_path / "demo"
-    cmd = [str(Path(sys.executable).parent / "cola-ray"), "demo", "--workdir", str(workdir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    # Within pytest's own limit for this test, in its own session: the demo's Ray is stopped by PID.
+    done = run_in_session([str(CLI), "demo", "--workdir", str(workdir)], timeout=540, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}" in done.stdout
     scores = _probe_scores(done.stdout)
     random_init, pretrained = scores["random init (mobilenetv3_small_050)"], scores["COLA pre-trained (this run)"]
     print(f"probe (val, test) %: random init {random_init}, pre-trained {pretrained}")
-    assert pretrained[1] > random_init[1], done.stdout[-2000:]
+    # 4 families, ~45 test clips: a chance-level encoder scores 25% +- 6.5 (1 sigma), so 50% is
+    # out of its reach; pre-training must also add a margin over random init (measured +9 to +14).
+    assert pretrained[1] >= 50.0 and pretrained[1] >= random_init[1] + 5.0, done.stdout[-2000:]
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cola-ray-demo")

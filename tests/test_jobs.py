@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.services import free_port
+from helpers.services import free_port, processes, signal_all
 
 pytestmark = pytest.mark.slow
 
-from helpers.paths import REPO
-BIN = Path(sys.executable).parent
+from helpers.paths import BIN, REPO
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
@@ -103,37 +102,11 @@ def _wait_dashboard(url: str, headers: dict[str, str], timeout: float, proc: sub
 
 
 def _cluster_pids(temp_dir: Path, pgid: int) -> list[int]:
-    """Live processes of this cluster: its process group, marker variable or temp dir (Linux /proc)."""
+    """Live processes of this cluster: its process group, marker variable or temp dir."""
     marker = f"{MARKER}={temp_dir}".encode()
     needle = str(temp_dir).encode() + b"/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            if state == b"Z":
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            in_group = os.getpgid(pid) == pgid
-        except (OSError, IndexError):
-            continue
-        if in_group or marker in environ or needle in cmdline:
-            found.append(pid)
-    return found
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    return [p.pid for p in processes()
+            if p.pgid == pgid or needle in p.read("cmdline") or marker in p.read("environ").split(b"\0")]
 
 
 def _stop_cluster(proc: subprocess.Popen, temp_dir: Path) -> list[int]:
@@ -153,7 +126,7 @@ def _stop_cluster(proc: subprocess.Popen, temp_dir: Path) -> list[int]:
         pids = _cluster_pids(temp_dir, proc.pid)
         if not pids:
             break
-        _signal_all(pids, sig)
+        signal_all(pids, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _cluster_pids(temp_dir, proc.pid):
             time.sleep(0.2)

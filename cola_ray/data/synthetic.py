@@ -13,6 +13,7 @@ Two levels of structure, so both halves of the method can be checked without a d
 ::
 
     labels = make_corpus("corpus", n_clips=300)   # corpus/<family>/clip_00001.flac + labels.csv
+    url = ensure_synthetic_shards("runs/_synthetic/shards", seed=0)   # the same, as shards, once
 """
 
 from __future__ import annotations
@@ -77,6 +78,40 @@ def make_corpus(
         for (rel, label), split in zip(rows, splits):
             writer.writerow([rel, label, split])
     return labels_csv
+
+
+def ensure_synthetic_shards(
+    out: str,
+    *,
+    seed: int = 0,
+    endpoint_url: str = "",
+    region: str = "",
+    echo: Callable[[str], None] = print,
+    n_clips: int = 128,
+    seconds: float = 3.0,
+    max_samples: int = 32,
+) -> str:
+    """The demo corpus (``data.shards: synthetic``) as WebDataset shards at ``out``; returns
+    ``out`` as it is read (an s3:// URL as given, a local folder made absolute).
+
+    ``n_clips`` clips of ``seconds`` from :func:`make_corpus` (``seed``), ``max_samples``
+    per shard. Built once: :func:`cola_ray.data.shards.build_shards` returns at once when
+    a complete build is at ``out`` and finishes a partial one (the clips are made again
+    each call, in a temporary folder: a few seconds).
+    """
+    import os
+    import tempfile
+
+    from cola_ray.data import shards, storage
+
+    if not storage.is_s3(out):
+        out = os.path.abspath(out)
+    with tempfile.TemporaryDirectory(prefix="cola-synth-") as tmp:
+        labels = make_corpus(tmp, n_clips=n_clips, seconds=seconds, seed=seed)
+        echo(f"Synthetic corpus: shards at {out}")
+        shards.build_shards(tmp, out, labels_csv=labels, max_samples=max_samples, progress=False,
+                            endpoint_url=endpoint_url, region=region)
+    return out
 
 
 def synth_clip(family: str, n: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray:

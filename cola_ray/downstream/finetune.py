@@ -51,6 +51,7 @@ from torch import nn
 
 from cola_ray.data import audio, pipeline, shards, storage
 from cola_ray.train import cluster
+from cola_ray.train.paths import storage_root
 from cola_ray.model import distributed
 from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
                             evaluate, log_evaluation, log_metrics, log_params, open_tracking)
@@ -377,14 +378,14 @@ def make_trainer(job: FinetuneJob, run: Mapping[str, str], *, name: str, storage
     """
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": job.settings, "data": job.data, "urls": job.urls, "run": dict(run)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": job.settings["cpus_per_worker"]}),
-        run_config=ray.train.RunConfig(name=name, storage_path=root, callbacks=list(callbacks or []),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_root(storage_path),
+                                       callbacks=list(callbacks or []),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
         datasets={"train": read_train_crops(job.urls, job.data, decode_num_cpus)},
     )

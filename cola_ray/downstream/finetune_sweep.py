@@ -31,7 +31,6 @@ or the workers of the running trials starve each other::
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -40,11 +39,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from cola_ray.train import cluster, tracking
+from cola_ray.train.paths import storage_root
 from cola_ray.downstream import finetune
-from cola_ray.data import storage
 from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, log_metrics,
                             log_params, open_tracking)
-from cola_ray.downstream.sweep import PARENT_TAG, SweepResult, TrialRuns, _close_children
+from cola_ray.downstream.tune_runs import PARENT_TAG, SweepResult, TrialRuns, close_children
 
 METRIC = "epoch_val_accuracy"
 TRIAL_METRICS = ("train_loss", "train_accuracy", "epoch_val_accuracy", "epoch_val_loss")
@@ -125,7 +124,7 @@ def finetune_sweep(
     space = {"lr": tune.loguniform(*lr_range), "weight_decay": tune.choice(list(weight_decay_choices)),
              "epochs": tune.choice([int(e) for e in epoch_choices]), "batch_size": batch_size, "seed": seed}
     callback = TrialRuns(uri, exp_id, parent_id, run_name, metrics=TRIAL_METRICS)
-    root = storage_path if storage.is_s3(storage_path) else os.path.abspath(storage_path)
+    root = storage_root(storage_path)
     trainer = {"name": run_name, "tracking_uri": uri, "storage_path": root, "num_workers": num_workers,
                "use_gpu": use_gpu, "decode_num_cpus": decode_num_cpus}
     status = "FAILED"
@@ -178,7 +177,7 @@ def finetune_sweep(
             "trials_early_stopped": sum(t["early_stopped"] for t in trials)})
         status = "FINISHED"
     finally:
-        _close_children(client, exp_id, parent_id)
+        close_children(client, exp_id, parent_id)
         client.set_terminated(parent_id, status=status)
     return SweepResult(parent_id, best_config, best["run_id"], final.val_accuracy, final.test_accuracy,
                        final.per_class, "", trials)

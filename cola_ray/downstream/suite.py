@@ -45,7 +45,7 @@ SYNTHETIC = "synthetic"
 @dataclass
 class SuiteResult:
     cells: dict[tuple[str, str], Any] = field(default_factory=dict)
-    """(task, baseline) -> the sweep's :class:`~cola_ray.downstream.sweep.SweepResult`."""
+    """(task, baseline) -> the sweep's :class:`~cola_ray.downstream.tune_runs.SweepResult`."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """Cells that already had a finished run in the experiment."""
     failed: dict[tuple[str, str], str] = field(default_factory=dict)

@@ -25,11 +25,9 @@ reachable (a local sqlite file is not) from every node::
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -40,10 +38,10 @@ from ray.tune.search import BasicVariantGenerator
 
 from cola_ray.train import cluster, tracking
 from cola_ray.downstream import embed
-from cola_ray.config import ConfigError, read_settings
+from cola_ray.downstream import tune_runs
+from cola_ray.downstream.tune_runs import SweepResult, TrialRuns, close_children, trial_table
 from cola_ray.downstream.probe import (
     DEFAULT_EXPERIMENT,
-    KIND_TAG,
     check_baseline,
     cached_embeddings,
     default_baseline,
@@ -58,9 +56,7 @@ from cola_ray.downstream.probe import (
     train_probe,
 )
 
-PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
-MODES = ("probe", "finetune")
-TRIAL_METRICS = ("train_loss", "train_accuracy", "val_accuracy", "val_loss")
+TRIAL_METRICS = tune_runs.TRIAL_METRICS
 
 
 # ---- one trial --------------------------------------------------------------------------
@@ -78,75 +74,7 @@ def run_trial(config: dict[str, Any], emb: dict[str, np.ndarray]) -> None:
     )
 
 
-class TrialRuns(tune.Callback):
-    """Every trial as a child MLflow run of ``parent_run_id``, written from the driver.
-
-    Params: the trial's config. Metrics: ``metrics`` (default :data:`TRIAL_METRICS`) at
-    step = epoch (one report per epoch), one batched call per report. A trial ASHA stops is FINISHED with tag
-    ``cola_ray.early_stopped=true``; a trial that raised is FAILED.
-    """
-
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
-                 metrics: Sequence[str] = TRIAL_METRICS) -> None:
-        self.metrics = tuple(metrics)
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.run_name = run_name
-        self.run_ids: dict[str, str] = {}  # trial id -> child run id
-        self._client: Any = None
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        return self._client
-
-    def __getstate__(self) -> dict[str, Any]:  # Tune may pickle callbacks with its state
-        return {**self.__dict__, "_client": None}
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.run_ids:  # a restarted trial keeps its run
-            return
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{self.run_name}-{trial.trial_id}",
-            tags={PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", "cola_ray.trial_id": trial.trial_id},
-        )
-        self.run_ids[trial.trial_id] = run.info.run_id
-        log_params(self.client, run.info.run_id, trial.config)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        metrics = {k: result[k] for k in self.metrics if k in result}
-        log_metrics(self.client, self.run_ids[trial.trial_id], metrics, step=int(result["training_iteration"]))
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_ids[trial.trial_id]
-        done = int((trial.last_result or {}).get("training_iteration", 0))
-        self.client.set_tag(run_id, "cola_ray.early_stopped", str(done < int(trial.config["epochs"])).lower())
-        self.client.set_terminated(run_id, status="FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self.run_ids[trial.trial_id], status="FAILED")
-
-
 # ---- the sweep ---------------------------------------------------------------------------
-
-@dataclass
-class SweepResult:
-    run_id: str
-    """The parent MLflow run."""
-    best_config: dict[str, Any]
-    """``lr``, ``weight_decay``, ``epochs`` (as trained by the best trial) and ``batch_size``, ``seed``."""
-    best_trial_run_id: str
-    val_accuracy: float
-    test_accuracy: float
-    per_class: dict[str, float]
-    embeddings: str
-    trials: list[dict[str, Any]] = field(default_factory=list)
-
 
 def sweep(
     encoder_ref: str,
@@ -238,7 +166,7 @@ def sweep(
                                       callbacks=[callback], verbose=verbose),
         )
         grid = tuner.fit()
-        trials = _trial_table(grid, callback.run_ids)
+        trials = trial_table(grid, callback.run_ids)
         finished = [t for t in trials if t["error"] is None and t["val_accuracy"] is not None]
         if not finished:
             errors = "; ".join(str(t["error"]) for t in trials)
@@ -263,89 +191,7 @@ def sweep(
             client.set_tag(best["run_id"], "cola_ray.selected", "true")
         status = "FINISHED"
     finally:
-        _close_children(client, exp_id, parent_id)
+        close_children(client, exp_id, parent_id)
         client.set_terminated(parent_id, status=status)
     return SweepResult(parent_id, best_config, best["run_id"], val["accuracy"], test["accuracy"],
                        test["per_class"], path, trials)
-
-
-def _trial_table(grid: Any, run_ids: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One dict per trial: config, last val_accuracy / val_loss, epochs trained, child run id."""
-    out = []
-    for result in grid:
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id", "")
-        done = int(metrics.get("training_iteration", 0))
-        out.append({
-            "trial_id": trial_id,
-            "run_id": run_ids.get(trial_id, ""),
-            "config": dict(result.config),
-            "val_accuracy": metrics.get("val_accuracy"),
-            "val_loss": metrics.get("val_loss"),
-            "epochs_trained": done,
-            "early_stopped": done < int(result.config["epochs"]),
-            "error": result.error,
-        })
-    return out
-
-
-def _close_children(client: Any, exp_id: str, parent_id: str) -> None:
-    """Child runs a crash left RUNNING are marked KILLED."""
-    for run in client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'"
-                                  " and attributes.status = 'RUNNING'"):
-        client.set_terminated(run.info.run_id, status="KILLED")
-
-
-# ---- a sweep from a YAML file (jobs/sweep.py) --------------------------------------------
-
-def load_sweep_config(
-    path: str | Path | None, overrides: Sequence[str] = (), settings: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """:func:`sweep`'s keyword arguments from YAML (``${VAR:-default}`` allowed), then
-    ``key=value`` overrides (values read as YAML), then ``settings`` (e.g. CLI flags;
-    None values are skipped).
-
-    ``mode`` (``probe``, the default, or ``finetune``) picks the sweep; the other keys are
-    the parameter names of :func:`sweep` or of
-    :func:`cola_ray.downstream.finetune_sweep.finetune_sweep`. An unknown key or a missing
-    ``encoder_ref`` / ``task`` is a :class:`~cola_ray.config.ConfigError` naming it.
-    Run the result with :func:`run_sweep`.
-    """
-    data = read_settings(path, overrides)
-    data.update({k: v for k, v in (settings or {}).items() if v is not None})
-    mode = str(data.get("mode") or "probe")
-    if mode not in MODES:
-        raise ConfigError(f"sweep key 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
-    data["mode"] = mode
-    known = set(inspect.signature(_sweep_function(mode)).parameters) | {"mode"}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"unknown key {key!r} for a {mode} sweep; known keys: {', '.join(sorted(known))}")
-    for key in ("encoder_ref", "task"):
-        if not data.get(key):
-            raise ConfigError(f"sweep key {key!r} is required")
-        data[key] = str(data[key])  # a run id of digits must stay a string
-    return data
-
-
-def _sweep_function(mode: str) -> Any:
-    if mode == "finetune":
-        from cola_ray.downstream.finetune_sweep import finetune_sweep
-
-        return finetune_sweep
-    return sweep
-
-
-def run_sweep(settings: Mapping[str, Any]) -> SweepResult:
-    """Run :func:`load_sweep_config`'s settings: the probe's sweep or fine-tuning's."""
-    settings = dict(settings)
-    return _sweep_function(settings.pop("mode", "probe"))(**settings)
-
-
-def describe(result: SweepResult) -> str:
-    """What a person wants to read at the end of a sweep."""
-    stopped = sum(t["early_stopped"] for t in result.trials)
-    config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_config.items())
-    return (f"{len(result.trials)} trials ({stopped} stopped early by ASHA); best on validation: {config}\n"
-            f"validation accuracy {result.val_accuracy:.1%}, TEST accuracy {result.test_accuracy:.1%}\n"
-            f"MLflow parent run {result.run_id}" + (f"; embeddings {result.embeddings}" if result.embeddings else ""))

@@ -67,18 +67,20 @@ class ColaModel(nn.Module):
             self.scale = 1.0
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor,
-                clip_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                clip_ids: torch.Tensor | None = None,
+                spec_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """anchor, positive (B, S) waveforms -> ``{"loss": scalar, "accuracy": scalar}``.
 
         Anchors and positives go through ONE encoder pass on (2B, S), as the authors' code,
         so batch-norm statistics are taken over both crops of every pair. ``clip_ids`` (B,)
         with ``model.mask_same_clip``: candidates cut from an anchor's own clip are not its
-        negatives (see :func:`cola_ray.model.loss.cola_loss`).
+        negatives (see :func:`cola_ray.model.loss.cola_loss`). ``spec_keep`` (2B, 1, n_mels, T):
+        the log-mel masks of :class:`cola_ray.model.augment.Augment` (anchors then positives).
         """
         if anchor.shape != positive.shape:
             raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} differ")
         b = anchor.shape[0]
-        z = self.head(self.encoder(torch.cat([anchor, positive], dim=0)))  # (2B, proj_dim)
+        z = self.head(self.encoder(torch.cat([anchor, positive], dim=0), spec_keep))  # (2B, proj_dim)
         loss, accuracy = cola_loss(
             z[:b],
             z[b:],

@@ -65,6 +65,9 @@ class WaveformEncoder(nn.Module):
         self.sample_rate = features.sample_rate
         self.channels_last = model.channels_last
         self.frontend = LogMel(features)
+        # features.normalize=running: per mel bin, batch norm's running mean and variance (no
+        # affine: the backbone's first layer scales); absent for "none", so old checkpoints load.
+        self.norm = nn.BatchNorm1d(features.n_mels, affine=False) if features.normalize == "running" else None
         self.backbone = create_backbone(model)
         self.embedding_dim = self._probe_embedding_dim(features, model.encoder)
 
@@ -92,9 +95,18 @@ class WaveformEncoder(nn.Module):
             )
         return int(out.shape[1])
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """``wave`` (B, S) float -> ``h`` (B, embedding_dim)."""
+    def forward(self, wave: torch.Tensor, spec_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``wave`` (B, S) float -> ``h`` (B, embedding_dim).
+
+        ``spec_keep`` (B, 1, n_mels, T), training only: a 0/1 mask of the (normalised) log-mel;
+        masked cells take the crop's mean value (:meth:`cola_ray.model.augment.Augment.spec_keep`).
+        """
         x = self.frontend(wave)  # (B, 1, n_mels, T), fp32
+        if self.norm is not None:
+            x = self.norm(x.squeeze(1)).unsqueeze(1)
+        if spec_keep is not None:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            x = x * spec_keep + mean * (1.0 - spec_keep)
         if self.channels_last and x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)

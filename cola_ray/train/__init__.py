@@ -1,6 +1,7 @@
 """Pre-training: the driver (``preflight`` checks and plans a run, ``trainer.fit`` runs it),
-the loop on every Ray Train worker (``loop``), and what both use: the Ray connection and
-resource checks (``cluster``), MLflow (``tracking``) and checkpoints (``checkpoint``)."""
+the loop on every Ray Train worker (``loop``), and what both use: where a run lives
+(``paths``), the Ray connection and resource checks (``cluster``), MLflow (``tracking``)
+and checkpoints (``checkpoint``)."""
 
 from typing import Any
 

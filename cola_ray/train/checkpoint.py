@@ -63,6 +63,8 @@ class TrainState:
     global_batch: int = 0
     mlflow_run_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    """Wall time spent training so far, resumes included (``train.max_minutes`` counts it)."""
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -174,6 +176,35 @@ def load_encoder(folder: str | Path) -> torch.nn.Module:
     model = ColaModel(cfg.features, cfg.model)
     load_checkpoint(folder, model)
     return model.encoder.eval()
+
+
+def check_resume(restored: TrainState, cfg: Config, world: int) -> None:
+    """Raise ``ValueError`` if resuming ``restored`` with ``cfg`` on ``world`` workers would
+    change the number of negatives.
+
+    The number of negatives is the global batch (gathered) or the per-worker batch (not
+    gathered): a resume must not change it silently. Another world size is fine when
+    negatives are gathered: the per-worker batch follows, the objective stays. The driver
+    checks it before any worker starts (:mod:`cola_ray.train.preflight`), every worker
+    again on each restore.
+    """
+    if restored.global_batch and restored.global_batch != cfg.train.batch_size:
+        raise ValueError(
+            f"checkpoint at step {restored.step} was trained with global batch "
+            f"{restored.global_batch}; this run asks for train.batch_size={cfg.train.batch_size}. "
+            "The global batch sets the number of negatives: keep it, and change train.num_workers "
+            "(the per-worker batch follows) if you need a different world size"
+        )
+    was_gathered = restored.config.get("model", {}).get("gather_negatives", True)
+    before = restored.global_batch // max(1, restored.world_size) if not was_gathered else restored.global_batch
+    now = cfg.per_worker_batch if not cfg.model.gather_negatives else cfg.train.batch_size
+    if restored.global_batch and before != now:
+        raise ValueError(
+            f"checkpoint at step {restored.step} was trained with {before} pairs per softmax "
+            f"({restored.world_size} workers, model.gather_negatives={was_gathered}); this run would use "
+            f"{now} ({world} workers, model.gather_negatives={cfg.model.gather_negatives}). The number "
+            "of negatives is the objective: resume with the same world size, or gather negatives"
+        )
 
 
 # ---- reading -------------------------------------------------------------------------

@@ -1,20 +1,25 @@
-"""The training loop that runs on every Ray Train worker.
+"""The training loop that runs on every Ray Train worker, in four phases::
 
-    loop_config = {"config": Config.to_dict(), "run": {tracking_uri, mlflow_run_id, counter}}
+    loop_config = {"config": Config.to_dict(),
+                   "run": {tracking_uri, mlflow_run_id, counter, checkpoint_dir, spool_dir}}
 
-Each worker rebuilds the config, builds ColaModel (log-mel + encoder + head + W) under
-DDP, restores the latest checkpoint if Ray Train hands one over, and steps through its
-split of the streaming pair dataset. World rank 0 logs to MLflow every
-``log_every_steps``; every ``checkpoint_every_steps`` all ranks call
-``ray.train.report`` (a barrier: every rank must call it) and rank 0 attaches the
-checkpoint. Stopping is by ``epochs`` or ``max_steps``, whichever comes first.
+    set up      config rebuilt, device, ColaModel (log-mel + encoder + head + W) under DDP,
+                torch.compile, Adam, bf16 autocast                          :func:`set_up`
+    restore     Ray Train's checkpoint, or a newer complete one of this run   :func:`restore`
+    each batch  step (skipped on every rank if any loss is not finite)       :class:`Stepper`
+                log every ``log_every_steps`` (world rank 0 writes MLflow)    :class:`StepLogger`
+                checkpoint every ``checkpoint_every_steps`` (``ray.train.report``, a barrier:
+                every rank calls it; rank 0 attaches the checkpoint)          :class:`Checkpointer`
+    finish      the last window and checkpoint, the MLflow spool flushed, the encoder logged
 
-A resumed run restarts the interrupted epoch's pass over the data (Ray Data restarts a
-streaming split from the beginning) but keeps the global step. Rank 0 logs through a
-local spool drained by a background thread (:class:`cola_ray.train.tracking.SpooledLogger`): a
-slow or dead MLflow server never blocks a step, and the steps re-trained after a restore
-are not logged twice. A rank that waits longer than ``train.step_timeout_s`` for its
-next batch raises :class:`StallError` naming itself.
+Stopping is by ``epochs``, ``max_steps`` or ``max_minutes`` (checked at log steps),
+whichever comes first. A resumed run restarts
+the interrupted epoch's pass over the data (Ray Data restarts a streaming split from the
+beginning) but keeps the global step. Rank 0 logs through a local spool drained by a
+background thread (:class:`cola_ray.train.tracking.SpooledLogger`): a slow or dead MLflow
+server never blocks a step, and the steps re-trained after a restore are not logged twice.
+A rank that waits longer than ``train.step_timeout_s`` for its next batch raises
+:class:`StallError` naming itself.
 """
 
 from __future__ import annotations
@@ -26,23 +31,26 @@ import queue
 import tempfile
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ContextManager, Iterable, Iterator, Mapping
 
 import ray.train
 import ray.train.torch
 import torch
 
-from cola_ray.model import distributed
-from cola_ray.data import storage
-from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
-                                 checkpoint_folders, load_checkpoint, read_state, save_checkpoint)
 from cola_ray.config import Config
+from cola_ray.data import storage
 from cola_ray.data.pipeline import check_budget, collision_rate
+from cola_ray.model import distributed
+from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
+                                       check_resume, checkpoint_folders, load_checkpoint, read_state,
+                                       save_checkpoint)
 from cola_ray.train.tracking import SpooledLogger, redact
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_NONFINITE = 20
+"""Consecutive skipped (non-finite) steps after which training stops."""
 
 
 def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -65,8 +73,99 @@ class StallError(TimeoutError):
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg = Config.from_dict(loop_config["config"])
+    """One Ray Train worker: set up, restore, then step / log / checkpoint every batch; finish."""
     run = loop_config["run"]
+    w = set_up(loop_config["config"])
+    cfg = w.cfg
+    state, resumed = restore(w, run)
+    stepper = Stepper(w)
+    logger = StepLogger(w, run, resumed)
+    checkpointer = Checkpointer(w, logger.spool, state.step)
+    clock = Clock(w, state)
+    done = ((cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps)
+            or 0 < cfg.train.max_minutes * 60 <= state.train_seconds)  # restored: the same on every rank
+
+    while not done and state.epoch < cfg.train.epochs:
+        steps_this_epoch = 0
+        t_ready = time.perf_counter()
+        for batch in _watched(w.epoch_batches(), cfg.train.step_timeout_s, w.rank, w.world, state):
+            t_batch = time.perf_counter()
+            # Step: forward, backward, update; every rank skips together on a non-finite loss.
+            out, finite = stepper.step(batch, state.step)
+            state.step += 1
+            steps_this_epoch += 1
+            logger.add(batch, out, finite, wait=t_batch - t_ready, total=time.perf_counter() - t_ready)
+            state.train_seconds = clock.seconds()
+            done = cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps
+            # Log: the window's means over ranks, and the time limit (collectives: every rank calls them).
+            if state.step % cfg.train.log_every_steps == 0:
+                logger.log(state, lr=w.optimizer.param_groups[0]["lr"])
+                done = clock.out_of_time() or done
+            # Checkpoint: every checkpoint_every_steps, and at the last step.
+            if state.step % cfg.train.checkpoint_every_steps == 0 or done:
+                checkpointer.save(state)
+            if done:
+                break
+            t_ready = time.perf_counter()
+        if steps_this_epoch == 0:
+            raise RuntimeError(
+                f"epoch {state.epoch} gave worker {w.rank} no full batch of {cfg.per_worker_batch} pairs: "
+                f"the shards at {cfg.data.shards!r} hold too few clips for train.batch_size="
+                f"{cfg.train.batch_size} over {w.world} workers"
+            )
+        if not done:
+            state.epoch += 1
+
+    # Finish: the steps since the last log line, a checkpoint of the last step, MLflow
+    # flushed, and the encoder logged once everything else is in the run.
+    logger.log_rest(state)
+    checkpointer.save_if_behind(state)
+    if logger.flush():
+        logger.log_model(w.core)
+
+
+# ---- set up -------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What this worker builds once and every phase reads: the config, its place in the
+    group, its device, the model, the optimiser, the autocast context and its data split."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    core: torch.nn.Module
+    """The plain ColaModel: checkpoints, the optimiser, clipping and the logged encoder use it
+    (plain parameter names)."""
+    forward: torch.nn.Module
+    """The DDP-wrapped model under ``torch.compile`` (``train.compile``): what the step calls."""
+    optimizer: torch.optim.Optimizer
+    autocast: ContextManager[Any]
+    """bf16 autocast (``train.precision`` bf16, or auto on a GPU), else a null context."""
+    shard: Any
+    """This worker's split of the ``train`` dataset (a Ray Data ``DataIterator``)."""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def epoch_batches(self) -> Iterable[dict[str, torch.Tensor]]:
+        """One pass over this worker's split: ``{"anchor", "positive": (B_local, S), "clip_id"}``."""
+        return self.shard.iter_torch_batches(
+            batch_size=self.cfg.per_worker_batch,
+            drop_last=True,  # every rank must take the same number of steps
+            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+            dtypes=torch.float32,
+            device=self.device,
+            prefetch_batches=self.cfg.train.prefetch_batches,
+            pin_memory=self.on_gpu and self.cfg.train.pin_memory,
+        )
+
+
+def set_up(config: Mapping[str, Any]) -> Setup:
+    """Rebuild the config; build the model (the same init on every rank), DDP, compile, Adam."""
+    cfg = Config.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -85,173 +184,101 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    # The step calls `forward`; checkpoints and the optimiser use `core` (plain parameter names).
     forward = compiled(model, cfg.train.compile)
-    optimizer = torch.optim.Adam(core.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(core, cfg)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if use_bf16 else contextlib.nullcontext())
+    return Setup(cfg, rank, world, device, core, forward, optimizer, autocast, ray.train.get_dataset_shard("train"))
 
-    state = TrainState(world_size=world, global_batch=cfg.train.batch_size,
+
+def make_optimizer(core: torch.nn.Module, cfg: Config) -> torch.optim.Adam:
+    """Adam over ``core``; with ``train.bilinear_lr`` a second group holds W and the logit
+    scale at that rate. The schedule (:func:`lr_factor`) scales the configured rates every step."""
+    t = cfg.train
+    similarity = list(core.similarity_parameters()) if t.bilinear_lr and hasattr(core, "similarity_parameters") else []
+    ids = {id(p) for p in similarity}
+    groups = [{"params": [p for p in core.parameters() if id(p) not in ids], "lr": t.lr}]
+    if similarity:  # one group otherwise: the optimiser state of older checkpoints still loads
+        groups.append({"params": similarity, "lr": t.bilinear_lr})
+    return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """The schedule's multiplier of every group's ``base_lr`` at ``step`` (0-based): a linear
+    warm-up over ``train.warmup_steps``, then constant or a cosine to 0 at ``max_steps``."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_decay == "cosine":
+        span = max(1, t.max_steps - t.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
+    return 1.0
+
+
+class Clock:
+    """Training time across resumes, for ``train.max_minutes``: rank 0's clock decides at a
+    log step, and every rank learns it in one all-reduce, so all stop at the same step."""
+
+    def __init__(self, w: "Setup", state: TrainState) -> None:
+        self.w = w
+        self.before = state.train_seconds
+        self.started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+    def out_of_time(self) -> bool:
+        """Whether ``train.max_minutes`` has passed (a collective when it is set: every rank calls it)."""
+        limit = self.w.cfg.train.max_minutes * 60.0
+        if not limit:
+            return False
+        over = float(self.w.rank == 0 and self.seconds() >= limit)
+        return distributed.all_reduce(torch.tensor(over, device=self.w.device), op="max").item() > 0
+
+
+# ---- restore --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a restored worker group starts: the step restored, and the step of the
+    checkpoint Ray Train handed over (lower when :func:`_load_newer` found a newer one)."""
+
+    step: int
+    ray_step: int
+
+
+def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | None]:
+    """The train state to start from, with ``w.core`` and ``w.optimizer`` loaded; ``None``
+    for a fresh start.
+
+    Ray Train's checkpoint, unless the run's folder holds a newer complete one of this
+    MLflow run (:func:`_load_newer`); refused by :func:`check_resume` if it would change
+    the number of negatives. Every rank must start from the same step (one all-reduce).
+    """
+    cfg = w.cfg
+    state = TrainState(world_size=w.world, global_batch=cfg.train.batch_size,
                        mlflow_run_id=run["mlflow_run_id"], config=cfg.to_dict())
     checkpoint = ray.train.get_checkpoint()
     restored = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            restored = load_checkpoint(folder, core, optimizer)
+            restored = load_checkpoint(folder, w.core, w.optimizer)
     ray_step = restored.step if restored else 0
-    if run.get("run_dir"):  # a newer checkpoint Ray had not registered when a worker died
-        restored = _load_newer(run["run_dir"], cfg, core, optimizer, run["mlflow_run_id"], ray_step) or restored
+    if run.get("checkpoint_dir"):  # a newer checkpoint Ray had not registered when a worker died
+        restored = _load_newer(run["checkpoint_dir"], cfg, w.core, w.optimizer, run["mlflow_run_id"],
+                               ray_step) or restored
     if restored is not None:
-        check_resume(restored, cfg, world)
+        check_resume(restored, cfg, w.world)
         state.step, state.epoch = restored.step, restored.epoch
     # Every rank must start from the same step (they read the same folders; check it).
-    steps = torch.tensor([float(state.step), -float(state.step)], device=device)
+    steps = torch.tensor([float(state.step), -float(state.step)], device=w.device)
     if distributed.all_reduce(steps.clone(), op="max").tolist() != steps.tolist():
-        raise RuntimeError(f"rank {rank} restored step {state.step}, another rank a different one")
-
-    # Rank 0 logs through a local spool drained by a thread: MLflow being slow or down never
-    # blocks a step, and steps already in the run (re-trained after a restore) are not re-logged.
-    logger = SpooledLogger(run["tracking_uri"], run["mlflow_run_id"], run["spool_dir"]) if rank == 0 else None
-    if logger is not None and restored is not None:
-        logger.set_tags({"cola_ray.restored_from_step": state.step, "cola_ray.ray_checkpoint_step": ray_step,
-                         "cola_ray.restored_world_size": world,
-                         "cola_ray.restored_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    counter = run.get("counter")
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if use_bf16 else contextlib.nullcontext())
-
-    local_batch = cfg.per_worker_batch
-    shard = ray.train.get_dataset_shard("train")
-    last_checkpoint_step = state.step
-    nonfinite_run = 0
-    window = _Window()
-    collisions: list[float] = []  # same-clip pair rate of each local batch in the window
-    quarantined: dict[str, str] = {}  # shard -> why, as last tagged on the MLflow run
-    done = cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps
-
-    while not done and state.epoch < cfg.train.epochs:
-        steps_this_epoch = 0
-        t_ready = time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=local_batch,
-            drop_last=True,  # every rank must take the same number of steps
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            dtypes=torch.float32,
-            device=device,
-            prefetch_batches=cfg.train.prefetch_batches,
-            pin_memory=on_gpu and cfg.train.pin_memory,
-        )
-        for batch in _watched(batches, cfg.train.step_timeout_s, rank, world, state):
-            t_batch = time.perf_counter()
-            anchor, positive = batch["anchor"], batch["positive"]  # (B_local, S) each
-            if "clip_id" in batch:
-                collisions.append(collision_rate(batch["clip_id"]))
-            with autocast:
-                # Clip ids (B_local,): crops of an anchor's own clip are masked from its negatives.
-                out = forward(anchor, positive, batch.get("clip_id"))
-            loss = out["loss"]
-            finite = optimizer_step(loss, optimizer, core, cfg.train.grad_clip)
-            if finite:
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-                if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                    raise FloatingPointError(
-                        f"loss was not finite for {nonfinite_run} consecutive steps (last at step "
-                        f"{state.step}); stopping"
-                    )
-            state.step += 1
-            steps_this_epoch += 1
-            t_done = time.perf_counter()
-            window.add(loss.detach(), out["accuracy"].detach(), wait=t_batch - t_ready,
-                       total=t_done - t_ready, skipped=not finite)
-
-            if state.step % cfg.train.log_every_steps == 0:
-                metrics = window.reduce(cfg.train.batch_size)
-                metrics.update(lr=optimizer.param_groups[0]["lr"], epoch=state.epoch)
-                if collisions:  # this rank's local batches (rank 0 logs)
-                    metrics["data/collision_rate"] = sum(collisions) / len(collisions)
-                    collisions.clear()
-                if counter is not None:
-                    snap = _snapshot(counter) if rank == 0 else None
-                    if rank == 0 and snap is not None:
-                        metrics.update(_sample_metrics(snap))
-                        if logger is not None and snap.get("bad_shards", {}) != quarantined:
-                            quarantined = dict(snap["bad_shards"])  # named in the run, not only counted
-                            logger.set_tags({"cola_ray.quarantined_shards": "; ".join(
-                                f"{k}: {v}" for k, v in sorted(quarantined.items()))[:5000]})
-                    _fail_together(rank, snap, cfg, device)
-                if logger is not None:
-                    logger.log_metrics(metrics, step=state.step)
-            done = cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps
-            if state.step % cfg.train.checkpoint_every_steps == 0 or done:
-                _report(state, core, optimizer, logger, cfg, rank)
-                last_checkpoint_step = state.step
-            if done:
-                break
-            t_ready = time.perf_counter()
-        if steps_this_epoch == 0:
-            raise RuntimeError(
-                f"epoch {state.epoch} gave worker {rank} no full batch of {local_batch} pairs: the "
-                f"shards at {cfg.data.shards!r} hold too few clips for train.batch_size="
-                f"{cfg.train.batch_size} over {world} workers"
-            )
-        if not done:
-            state.epoch += 1
-    if window.steps:  # steps since the last log line (the same count on every rank)
-        metrics = window.reduce(cfg.train.batch_size)
-        if logger is not None:
-            logger.log_metrics(metrics, step=state.step)
-    if state.step != last_checkpoint_step:
-        _report(state, core, optimizer, logger, cfg, rank)
-
-    if logger is None:
-        return
-    left = logger.close(timeout=cfg.tracking.flush_timeout_s)
-    if left:
-        # Training is done and checkpointed; only the tracking copy is behind.
-        log.warning("MLflow %s did not take %d record(s) within %.0fs; they are in %s. Deliver them with: "
-                    "cola-ray replay-metrics %s --tracking-uri <uri>", redact(logger.uri), left,
-                    cfg.tracking.flush_timeout_s, logger.spool, logger.spool)
-        return  # the encoder is in the final checkpoint (cola-ray export) rather than in MLflow
-    if cfg.tracking.log_model:
-        # Batch of 2: MLflow exports (torch.export, no pickle) with a dynamic batch dimension.
-        example = torch.zeros(2, cfg.data.segment_samples).numpy()
-        uri = logger.client.log_encoder(core.encoder, example, cfg.tracking.registered_model_name)
-        logger.client.set_tags({"cola_ray.encoder_uri": uri})
+        raise RuntimeError(f"rank {w.rank} restored step {state.step}, another rank a different one")
+    return state, (Resumed(state.step, ray_step) if restored is not None else None)
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, core: torch.nn.Module,
-                   grad_clip: float) -> bool:
-    """Backward and step, unless the loss is non-finite on ANY rank: then every rank skips
-    together (one rank skipping alone would leave its peers in DDP's all-reduce forever).
-    Returns whether the step was taken."""
-    finite = distributed.all_reduce(torch.isfinite(loss.detach()).float(), op="min").item() > 0
-    optimizer.zero_grad(set_to_none=True)
-    if finite:
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
-        optimizer.step()
-    return finite
-
-
-def _report(state: TrainState, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            logger: SpooledLogger | None, cfg: Config, rank: int) -> None:
-    """Checkpoint (rank 0 writes, every rank reports) and copy it to MLflow."""
-    metrics = {"step": state.step, "epoch": state.epoch}
-    name = f"checkpoint_{state.step:09d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
-    with tempfile.TemporaryDirectory(prefix="cola-ckpt-") as tmp:
-        save_checkpoint(tmp, core, optimizer, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=name)
-        if logger is not None and cfg.tracking.log_checkpoints:
-            logger.log_artifacts(tmp, f"checkpoints/{name}")
-
-
-def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _load_newer(checkpoint_dir: str, cfg: Config, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 mlflow_run_id: str, after_step: int) -> TrainState | None:
     """Load the newest complete checkpoint of this run newer than ``after_step``, if any.
 
@@ -259,11 +286,11 @@ def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: tor
     report only when it next polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s,
     later under load): a worker killed in that window resumes a checkpoint older than the
     one already uploaded (measured: 16-17 steps redone with checkpoints every 10). The
-    uploaded folder is in ``run_dir``; it is used only if it belongs to this MLflow run and
+    uploaded folder is in ``checkpoint_dir``; it is used only if it belongs to this MLflow run and
     every file checks out against its state.json (a partial upload is refused, untouched).
     """
     ends = (cfg.data.s3_endpoint_url, cfg.data.s3_region)
-    for step, folder in checkpoint_folders(run_dir, *ends):
+    for step, folder in checkpoint_folders(checkpoint_dir, *ends):
         if step <= after_step:
             break
         with tempfile.TemporaryDirectory(prefix="cola-restore-") as tmp:
@@ -286,27 +313,63 @@ def _load_newer(run_dir: str, cfg: Config, core: torch.nn.Module, optimizer: tor
     return None
 
 
-def check_resume(restored: TrainState, cfg: Config, world: int) -> None:
-    """The number of negatives is the global batch (gathered) or the per-worker batch (not
-    gathered): a resume must not change it silently. Another world size is fine when
-    negatives are gathered: the per-worker batch follows, the objective stays."""
-    if restored.global_batch and restored.global_batch != cfg.train.batch_size:
-        raise ValueError(
-            f"checkpoint at step {restored.step} was trained with global batch "
-            f"{restored.global_batch}; this run asks for train.batch_size={cfg.train.batch_size}. "
-            "The global batch sets the number of negatives: keep it, and change train.num_workers "
-            "(the per-worker batch follows) if you need a different world size"
-        )
-    was_gathered = restored.config.get("model", {}).get("gather_negatives", True)
-    before = restored.global_batch // max(1, restored.world_size) if not was_gathered else restored.global_batch
-    now = cfg.per_worker_batch if not cfg.model.gather_negatives else cfg.train.batch_size
-    if restored.global_batch and before != now:
-        raise ValueError(
-            f"checkpoint at step {restored.step} was trained with {before} pairs per softmax "
-            f"({restored.world_size} workers, model.gather_negatives={was_gathered}); this run would use "
-            f"{now} ({world} workers, model.gather_negatives={cfg.model.gather_negatives}). The number "
-            "of negatives is the objective: resume with the same world size, or gather negatives"
-        )
+# ---- step -----------------------------------------------------------------------------
+
+class Stepper:
+    """The optimiser step of every batch, and the count of consecutive skipped steps:
+    :data:`MAX_CONSECUTIVE_NONFINITE` non-finite losses in a row stop training (on every
+    rank at once: the skip is agreed by all of them)."""
+
+    def __init__(self, w: Setup) -> None:
+        from cola_ray.config import n_frames
+        from cola_ray.model.augment import Augment
+
+        self.w = w
+        self.nonfinite_run = 0
+        self.augment = Augment(w.cfg.augment, w.cfg.features)
+        self.frames = n_frames(w.cfg.features, w.cfg.data.segment_samples)
+
+    def step(self, batch: Mapping[str, torch.Tensor], step: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward, backward, update; returns the model's outputs and whether the step was taken."""
+        w = self.w
+        factor = lr_factor(w.cfg, step)
+        # The configured rates, not the restored groups' (a resume may change train.lr).
+        for group, base in zip(w.optimizer.param_groups, (w.cfg.train.lr, w.cfg.train.bilinear_lr)):
+            group["lr"] = base * factor
+        anchor, positive, keep = batch["anchor"], batch["positive"], None  # (B_local, S) each
+        if self.augment.active:
+            gen = self.augment.generator(w.cfg.train.seed, w.rank, step, w.device)
+            anchor, positive = self.augment.waves(anchor, positive, gen)
+            keep = self.augment.spec_keep(2 * anchor.shape[0], self.frames, gen, w.device)
+        with w.autocast:
+            # Clip ids (B_local,): crops of an anchor's own clip are masked from its negatives.
+            out = w.forward(anchor, positive, batch.get("clip_id"), keep)
+        finite = optimizer_step(out["loss"], w.optimizer, w.core, w.cfg.train.grad_clip)
+        if finite:
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                raise FloatingPointError(
+                    f"loss was not finite for {self.nonfinite_run} consecutive steps (last at step "
+                    f"{step}); stopping"
+                )
+        return out, finite
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, core: torch.nn.Module,
+                   grad_clip: float) -> bool:
+    """Backward and step, unless the loss is non-finite on ANY rank: then every rank skips
+    together (one rank skipping alone would leave its peers in DDP's all-reduce forever).
+    Returns whether the step was taken."""
+    finite = distributed.all_reduce(torch.isfinite(loss.detach()).float(), op="min").item() > 0
+    optimizer.zero_grad(set_to_none=True)
+    if finite:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
+        optimizer.step()
+    return finite
 
 
 def _watched(batches: Iterable[dict[str, torch.Tensor]], timeout_s: float, rank: int, world: int,
@@ -362,6 +425,96 @@ def _watched(batches: Iterable[dict[str, torch.Tensor]], timeout_s: float, rank:
             yield item
     finally:
         stop.set()
+
+
+# ---- log ------------------------------------------------------------------------------
+
+class StepLogger:
+    """What the run records between checkpoints, and rank 0's MLflow spool that takes it.
+
+    Owns the step window (loss, accuracy, data wait, skipped steps; averaged over ranks at
+    each log step), this rank's same-clip collision rate, the bad-sample tallies (snapshots
+    of the ``SampleCounter`` actor; the error budget judged on rank 0 and raised on every
+    rank together; quarantined shards named in a tag), the restore tags, and
+    :attr:`spool`: rank 0's :class:`SpooledLogger` (``None`` on the other ranks). Every
+    rank calls :meth:`log` and :meth:`log_rest`: they hold collectives.
+    """
+
+    def __init__(self, w: Setup, run: Mapping[str, Any], resumed: Resumed | None) -> None:
+        self.w = w
+        self.counter = run.get("counter")
+        # Rank 0 logs through a local spool drained by a thread: MLflow being slow or down never
+        # blocks a step, and steps already in the run (re-trained after a restore) are not re-logged.
+        self.spool = (SpooledLogger(run["tracking_uri"], run["mlflow_run_id"], run["spool_dir"])
+                      if w.rank == 0 else None)
+        if self.spool is not None and resumed is not None:
+            self.spool.set_tags({"cola_ray.restored_from_step": resumed.step,
+                                 "cola_ray.ray_checkpoint_step": resumed.ray_step,
+                                 "cola_ray.restored_world_size": w.world,
+                                 "cola_ray.restored_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.window = _Window()
+        self.collisions: list[float] = []  # same-clip pair rate of each local batch in the window
+        self.quarantined: dict[str, str] = {}  # shard -> why, as last tagged on the MLflow run
+
+    def add(self, batch: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor], finite: bool, *,
+            wait: float, total: float) -> None:
+        """Count one step into the window: ``wait`` for its batch, ``total`` with the step."""
+        if "clip_id" in batch:
+            self.collisions.append(collision_rate(batch["clip_id"]))
+        self.window.add(out["loss"].detach(), out["accuracy"].detach(), wait=wait, total=total,
+                        skipped=not finite)
+
+    def log(self, state: TrainState, lr: float) -> None:
+        """The window's metrics at ``state.step``, with lr, epoch, collisions and sample tallies."""
+        w = self.w
+        metrics = self.window.reduce(w.cfg.train.batch_size)
+        metrics.update(lr=lr, epoch=state.epoch)
+        if self.collisions:  # this rank's local batches (rank 0 logs)
+            metrics["data/collision_rate"] = sum(self.collisions) / len(self.collisions)
+            self.collisions.clear()
+        if self.counter is not None:
+            snap = _snapshot(self.counter) if w.rank == 0 else None
+            if w.rank == 0 and snap is not None:
+                metrics.update(_sample_metrics(snap))
+                if self.spool is not None and snap.get("bad_shards", {}) != self.quarantined:
+                    self.quarantined = dict(snap["bad_shards"])  # named in the run, not only counted
+                    self.spool.set_tags({"cola_ray.quarantined_shards": "; ".join(
+                        f"{k}: {v}" for k, v in sorted(self.quarantined.items()))[:5000]})
+            _fail_together(w.rank, snap, w.cfg, w.device)
+        if self.spool is not None:
+            self.spool.log_metrics(metrics, step=state.step)
+
+    def log_rest(self, state: TrainState) -> None:
+        """The steps since the last log line (the same count on every rank)."""
+        if self.window.steps:
+            metrics = self.window.reduce(self.w.cfg.train.batch_size)
+            if self.spool is not None:
+                self.spool.log_metrics(metrics, step=state.step)
+
+    def flush(self) -> bool:
+        """Deliver the spool within ``tracking.flush_timeout_s``; True on rank 0 when all of it
+        is in MLflow (a record left behind is named with the command that delivers it)."""
+        if self.spool is None:
+            return False
+        cfg, spool = self.w.cfg, self.spool
+        left = spool.close(timeout=cfg.tracking.flush_timeout_s)
+        if left:
+            # Training is done and checkpointed; only the tracking copy is behind.
+            log.warning("MLflow %s did not take %d record(s) within %.0fs; they are in %s. Deliver them with: "
+                        "cola-ray replay-metrics %s --tracking-uri <uri>", redact(spool.uri), left,
+                        cfg.tracking.flush_timeout_s, spool.spool, spool.spool)
+            return False  # the encoder is in the final checkpoint (cola-ray export) rather than in MLflow
+        return True
+
+    def log_model(self, core: torch.nn.Module) -> None:
+        """With ``tracking.log_model``: the encoder as an MLflow model, its URI tagged on the run."""
+        cfg = self.w.cfg
+        if self.spool is None or not cfg.tracking.log_model:
+            return
+        # Batch of 2: MLflow exports (torch.export, no pickle) with a dynamic batch dimension.
+        example = torch.zeros(2, cfg.data.segment_samples).numpy()
+        uri = self.spool.client.log_encoder(core.encoder, example, cfg.tracking.registered_model_name)
+        self.spool.client.set_tags({"cola_ray.encoder_uri": uri})
 
 
 def _snapshot(counter: Any) -> dict[str, Any] | None:
@@ -444,3 +597,35 @@ class _Window:
         }
         self.reset()
         return out
+
+
+# ---- checkpoint -----------------------------------------------------------------------
+
+class Checkpointer:
+    """The run's checkpoints ``checkpoint_<step:09d>``: rank 0 writes the folder (model,
+    optimiser, train state) and attaches it to ``ray.train.report``, which every rank calls
+    (a barrier); with ``tracking.log_checkpoints`` rank 0's spool copies it to MLflow.
+    Remembers the last step saved, so the finish saves only a step not saved yet."""
+
+    def __init__(self, w: Setup, spool: SpooledLogger | None, step: int) -> None:
+        self.w, self.spool = w, spool
+        self.last_step = step
+
+    def save(self, state: TrainState) -> None:
+        w = self.w
+        metrics = {"step": state.step, "epoch": state.epoch}
+        name = f"checkpoint_{state.step:09d}"
+        self.last_step = state.step
+        if w.rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory(prefix="cola-ckpt-") as tmp:
+            save_checkpoint(tmp, w.core, w.optimizer, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+            if self.spool is not None and w.cfg.tracking.log_checkpoints:
+                self.spool.log_artifacts(tmp, f"checkpoints/{name}")
+
+    def save_if_behind(self, state: TrainState) -> None:
+        if state.step != self.last_step:
+            self.save(state)

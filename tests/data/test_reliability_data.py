@@ -399,6 +399,7 @@ def _pid_gone(pid: int, timeout: float = 10.0) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # a subprocess
 def test_a_save_killed_at_random_points_never_leaves_a_partial_checkpoint(tmp_path):
     """Row 6: >= 20 saves SIGKILLed by PID at random moments (12.6 MB checkpoints)."""
     script = tmp_path / "saver.py"

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cola_ray.data import storage
+from helpers import paths
 from cola_ray.train.checkpoint import TrainState, load_encoder as load_checkpoint_encoder, save_checkpoint
 from cola_ray.config import Config, FeatureConfig, ModelConfig
 from cola_ray.model.encoder import WaveformEncoder
@@ -24,7 +25,7 @@ from cola_ray.downstream.encoders import EncoderNotFound, resolve_encoder
 from cola_ray.downstream.export import CONFIG_FILE, FORMAT, WEIGHTS_FILE, ExportError, export_encoder, load_encoder
 
 MODEL = ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0)
-CLI = str(Path(sys.executable).parent / "cola-ray")
+CLI = str(paths.CLI)
 
 
 def waves(n: int = 3, samples: int = 15600, seed: int = 0) -> torch.Tensor:
@@ -103,6 +104,7 @@ def test_export_does_not_overwrite_by_accident(encoder, export_dir):
         export_encoder(encoder, {}, export_dir, overwrite=True)
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_cola_ray_stays_light_and_load_encoder_is_lazy(export_dir):
     code = (
         "import sys, cola_ray\n"
@@ -252,6 +254,7 @@ def test_empty_reference_lists_what_is_accepted():
         resolve_encoder("  ")
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_export(checkpoint_dir, tmp_path):
     out = tmp_path / "cli-export"
     done = subprocess.run([CLI, "export", "--encoder", str(checkpoint_dir), str(out)],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from types import SimpleNamespace
@@ -26,7 +25,7 @@ from cola_ray.downstream.finetune import (build_encoder, decode_and_crop_labelle
                                train_labels)
 from cola_ray.downstream.report import report
 from helpers.factories import hand_made_checkpoint, labelled_task
-from helpers.services import kill_session
+from helpers.services import run_in_session
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-finetune"
@@ -179,19 +178,11 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
         "    'best_config': r.best_config, 'test_accuracy': r.test_accuracy}))\n"
     )
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rft-", dir="/tmp")}
-    proc = subprocess.Popen([sys.executable, "-c", script, checkpoint, str(task / "shards"), experiment,
-                             store["uri"], str(tmp_path / "sweeps")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=480)
+    try:  # whatever that Ray leaves (a finished trial's TrainController once outlived it): stopped by PID
+        done = run_in_session([sys.executable, "-c", script, checkpoint, str(task / "shards"), experiment,
+                               store["uri"], str(tmp_path / "sweeps")], timeout=480, env=env, cwd=tmp_path)
     finally:
-        # Whatever that Ray left (a finished trial's TrainController once outlived it): stopped by PID.
-        leftovers = kill_session(proc.pid)
-        proc.wait(timeout=30)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    if leftovers:
-        print(f"fine-tune sweep: killed {len(leftovers)} process(es) left by its Ray: {leftovers}")
-    done = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = SimpleNamespace(**json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0]))
     client = MlflowClient(store["uri"])

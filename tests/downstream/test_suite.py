@@ -3,7 +3,6 @@ tests/test_jobs.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -41,7 +40,10 @@ def test_suite_config_refuses_what_it_does_not_know(overrides, message, monkeypa
 
 
 def test_unresolvable_encoder_fails_before_any_work(tmp_path):
-    with pytest.raises(Exception, match="nope"):
+    from cola_ray.downstream.encoders import EncoderNotFound
+
+    # EncoderNotFound is a FileNotFoundError naming the reference it could not resolve.
+    with pytest.raises(EncoderNotFound, match=r"encoder reference '.*/nope' names no file"):
         run_suite(str(tmp_path / "nope"), ["synthetic"], storage_path=str(tmp_path / "runs"),
                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not (tmp_path / "runs").exists()

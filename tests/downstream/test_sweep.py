@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,8 @@ from cola_ray.downstream.embed import load_embeddings, read_meta, split_segments
 from cola_ray.downstream.encoders import resolve_encoder
 from cola_ray.downstream.probe import cached_embeddings, probe
 from cola_ray.downstream.report import report
-from cola_ray.downstream.sweep import load_sweep_config, sweep
+from cola_ray.downstream.sweep import sweep
+from cola_ray.downstream.sweep_config import load_sweep_config
 from helpers.factories import hand_made_checkpoint, labelled_task
 from helpers.paths import CONFIGS
 

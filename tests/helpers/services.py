@@ -55,36 +55,102 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+class Proc:
+    """One live process as ``/proc/<pid>/stat`` shows it; ``cmdline`` and ``environ`` on demand."""
+
+    __slots__ = ("pid", "ppid", "pgid", "sid", "state")
+
+    def __init__(self, pid: int, stat: bytes) -> None:
+        fields = stat.rsplit(b")", 1)[1].split()  # after "(comm)", which may hold spaces
+        self.pid, self.state = pid, fields[0]
+        self.ppid, self.pgid, self.sid = int(fields[1]), int(fields[2]), int(fields[3])
+
+    def read(self, name: str) -> bytes:
+        """``/proc/<pid>/<name>`` (b"" if the process is gone or not ours to read)."""
+        try:
+            with open(f"/proc/{self.pid}/{name}", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+
+def processes() -> list[Proc]:
+    """Every live process but this one and zombies (Linux ``/proc``): the one walker the
+    tests use to find what a Ray, a server or a CLI left behind."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                proc = Proc(int(entry), f.read())
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if proc.state != b"Z":
+            out.append(proc)
+    return out
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """PIDs of every live process under ``pid`` (default: this one), at any depth."""
+    root = os.getpid() if pid is None else pid
+    procs = processes()
+    children: dict[int, list[int]] = {}
+    for p in procs:
+        children.setdefault(p.ppid, []).append(p.pid)
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids``, skipping those already gone."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def kill_session(sid: int) -> list[int]:
     """SIGKILL every process left in session ``sid`` (a child started with
     ``start_new_session=True`` has ``sid == child.pid``); returns their PIDs. Ray's workers
     leave their parent's process group (setpgid) but not its session, so a process-group
     kill misses them; a worker still alive after its Ray is gone is found here."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[3]) == sid:  # field 6 of stat, the session id
-            found.append(int(entry))
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    found = [p.pid for p in processes() if p.sid == sid]
+    signal_all(found, signal.SIGKILL)
     return found
 
 
+def run_in_session(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a CLI, a script that starts its own Ray) in a new session, capturing its
+    output, within ``timeout`` seconds; afterwards, whatever it exits with, every process it
+    left in its session (Ray's raylet, GCS and workers) is killed by PID. A timeout raises
+    ``subprocess.TimeoutExpired`` with the output so far, after the same cleanup."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_group(proc, grace=5.0)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    finally:
+        kill_session(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None = None,
-                        timeout: float = 90) -> tuple[subprocess.Popen, str]:
+                        timeout: float = 90, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real ``mlflow server`` on 127.0.0.1: sqlite store and log in ``root``, served artifacts
-    at ``artifacts`` (a folder or s3://). Returns ``(process, uri)`` once it answers; stop it
-    with :func:`stop_process_group`."""
-    port = free_port()
-    with open(root / "server.log", "wb") as log:  # the child keeps its own descriptor
+    at ``artifacts`` (a folder or s3://), on ``port`` (default: a free one; give the same one
+    to start a stopped server again at its address). Returns ``(process, uri)`` once it
+    answers; stop it with :func:`stop_process_group`."""
+    port = port or free_port()
+    with open(root / f"server-{port}-{time.monotonic_ns()}.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cola_ray.model import distributed
 from cola_ray.config import FeatureConfig, ModelConfig
 from cola_ray.model.cola import ColaModel
+from helpers.services import free_port
 
 WORLD = 2
 B = 3  # pairs per worker
@@ -84,11 +84,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(tmp: Path) -> list[dict]:

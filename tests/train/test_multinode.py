@@ -41,7 +41,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("COLA_RAY_MULTINODE") == "0", reason="COLA_RAY_MULTINODE=0"),
 ]
 
-BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 480
 MAX_STEPS = 30
 CKPT_EVERY = 5
@@ -58,7 +57,7 @@ HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout
 def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from helpers.services import start_mlflow_server, stop_process_group
+    from helpers.services import run_in_session, start_mlflow_server, stop_process_group
 
     from cola_ray.data import shards, synthetic, storage
 
@@ -77,18 +76,14 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
         t0 = time.monotonic()
         # Its own Ray temp root: the Cluster writes a "current cluster" file there, not in
         # /tmp/ray, where other Rays on this machine would find it and follow it.
-        proc = subprocess.Popen([sys.executable, __file__, json.dumps(args)], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_TMPDIR": ray_tmp, **HEALTH_CHECKS})
-        try:
-            output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            stop_process_group(proc)
-            output, _ = proc.communicate()
-            pytest.fail("multi-node run timed out:\n" + output.decode(errors="replace")[-6000:])
-        text = output.decode(errors="replace")
+        try:  # its own session: the Cluster's nodes and workers are stopped by PID whatever happens
+            done = run_in_session([sys.executable, __file__, json.dumps(args)], timeout=RUN_TIMEOUT_S, cwd=tmp_path,
+                                  env={**os.environ, "RAY_TMPDIR": ray_tmp, **HEALTH_CHECKS})
+        except subprocess.TimeoutExpired as e:
+            pytest.fail("multi-node run timed out:\n" + ((e.output or "") + (e.stderr or ""))[-6000:])
+        text = done.stdout + done.stderr
         (tmp_path / "run.log").write_text(text)  # kept for diagnosis
-        assert proc.returncode == 0, text[-8000:]
+        assert done.returncode == 0, text[-8000:]
         res = json.loads(out.read_text())
         print(f"multi-node run: {time.monotonic() - t0:.0f}s", res["timings"])
 

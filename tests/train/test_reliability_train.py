@@ -29,7 +29,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from helpers.services import free_port, stop_process_group, wait_http
+from helpers.paths import BIN
+from helpers.services import descendants, free_port, start_mlflow_server, stop_process_group
 
 from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
@@ -46,7 +46,6 @@ from helpers.factories import tiny_config
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 CKPT_EVERY = 10
 
 
@@ -128,28 +127,9 @@ def run_id_of(client: MlflowClient, name: str) -> str | None:
 
 # ---- processes of this test's own Ray, by PID --------------------------------------------
 
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def my_descendants() -> list[int]:
     """PIDs of every live process under this one (the local Ray's raylet and its workers)."""
-    me, out = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            p = pid
-            while p > 1:
-                p = _ppid(p)
-                if p == me:
-                    out.append(pid)
-                    break
-        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            continue
-    return out
+    return descendants()
 
 
 def cmdline(pid: int) -> str:
@@ -279,7 +259,7 @@ def test_training_worker_killed_resumes_with_every_step_logged_once(ray_local, c
     assert restored % CKPT_EVERY == 0 and restored > 0, tags
     redone = step_at_kill - restored
     # The global step went back to the last complete checkpoint: at most one interval, also
-    # when Ray had not registered it yet (train_loop._load_newer).
+    # when Ray had not registered it yet (cola_ray.train.loop._load_newer).
     assert 0 <= redone <= CKPT_EVERY, (step_at_kill, restored)
     ckpts = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "runs" / "kill-train").glob("checkpoint_0*"))
     assert ckpts == list(range(CKPT_EVERY, max_steps + 1, CKPT_EVERY)), ckpts
@@ -370,19 +350,9 @@ def test_stalled_data_stream_fails_fast_naming_the_rank(ray_local, corpus, tmp_p
 # ---- row 15: the MLflow server stopped mid-run, started again ---------------------------------
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:port over ``root/mlflow.db`` (same command as tests/services)."""
-    with open(root / f"server-{port}-{time.monotonic_ns()}.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-             str(root / "artifacts"), "--serve-artifacts", "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc)
-    except BaseException:
-        stop_process_group(proc)
-        raise
-    return proc
+    """``mlflow server`` on 127.0.0.1:port over ``root/mlflow.db``: stopped and started again
+    at the same address, as a restarted tracking server is."""
+    return start_mlflow_server(root, str(root / "artifacts"), port=port)[0]
 
 
 def test_mlflow_down_mid_run_never_blocks_and_loses_no_step(ray_local, corpus, tmp_path):
@@ -460,6 +430,11 @@ def test_spool_left_by_a_dead_server_is_replayed_once(tmp_path):
         assert time.monotonic() - t0 < 0.5, "logging must not wait for the server"
         left = logger.close(timeout=3)
         assert left == 6
+        # A request in flight when close() gave up may still be inside urllib3's retries
+        # (~15 s of back-off): it must end before the server returns, or it delivers the batch
+        # itself and the replay below rightly finds every point already in the run.
+        logger._thread.join(60)
+        assert not logger._thread.is_alive(), "the delivery thread must stop after close()"
         spool = tmp_path / "spool" / f"{run_id}.jsonl"
         assert spool.is_file()
         server = start_server(root, port)

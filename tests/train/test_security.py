@@ -27,7 +27,6 @@ import pytest
 from cola_ray.train import tracking
 from cola_ray.config import load_config
 
-BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 300
 
 RUN_SCRIPT = r"""
@@ -76,7 +75,7 @@ def test_params_of_a_run_mask_credentials_in_config_urls(tmp_path):
 def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
-    from helpers.services import start_mlflow_server, stop_process_group
+    from helpers.services import run_in_session, start_mlflow_server, stop_process_group
 
     from cola_ray.data import shards, storage, synthetic
 
@@ -111,17 +110,13 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
         env = {**os.environ, "SECRET_TRACKING_URI": secret_uri, "AWS_SECRET_ACCESS_KEY": canaries["aws"],
                "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": canaries["mlflow-password"]}
         out = ray_tmp / "result.json"
-        proc = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, str(ray_tmp), str(out), str(config),
-                                 json.dumps(overrides)],
-                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            stop_process_group(proc)
-            stdout, stderr = proc.communicate()
-            pytest.fail("run timed out:\n" + stderr.decode(errors="replace")[-6000:])
-        assert proc.returncode == 0, stderr.decode(errors="replace")[-8000:]
+        try:  # its own session: the Ray it starts is stopped by PID whatever happens
+            done = run_in_session([sys.executable, "-c", RUN_SCRIPT, str(ray_tmp), str(out), str(config),
+                                   json.dumps(overrides)], timeout=RUN_TIMEOUT_S, env=env, cwd=tmp_path)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail("run timed out:\n" + (e.stderr or "")[-6000:])
+        assert done.returncode == 0, done.stderr[-8000:]
+        stdout, stderr = done.stdout.encode(), done.stderr.encode()
         res = json.loads(out.read_text())
         # Also the S3 pre-training path: shards read from the bucket, checkpoints written there.
         assert res["checkpoint"] == f"{s3_bucket}/runs/secret-run/checkpoint_000000004"

@@ -96,3 +96,28 @@ def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
     assert "manifest" in run.data.tags["cola_ray.quarantined_shards"]
     assert run.data.metrics["data/quarantined_shards"] == 1.0
     assert run.data.metrics["data/bad_bad_shard"] >= 1.0
+
+
+def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray_local, corpus_shards, tmp_path,
+                                                                           mlflow_server):
+    """train.max_minutes with the recipe options on (augmentations, running log-mel
+    normalisation, bilinear scale and W's own rate, warm-up): the run stops on time, not on
+    epochs, at a log step, and a resume with the same budget trains no further."""
+    from cola_ray.train.checkpoint import checkpoint_folders, read_state
+
+    opts = ["name=timed", "train.max_minutes=0.2", "train.log_every_steps=2", "train.checkpoint_every_steps=1000",
+            "augment.gain_db=6", "augment.mix_prob=0.5", "augment.noise_prob=0.5", "augment.time_shift=0.1",
+            "augment.freq_mask=8", "augment.time_mask=10", "features.normalize=running",
+            "model.bilinear_scale=sqrt", "train.bilinear_lr=0.01", "train.warmup_steps=5"]
+    first = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
+    state = read_state(first.checkpoint)
+    steps_per_epoch = 64 // 16
+    assert state.train_seconds >= 12, state  # 0.2 min, measured by rank 0 from its first step
+    assert state.step < 100 * steps_per_epoch and state.step % 2 == 0, state  # on time, at a log step
+    loss = [m.value for m in MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "loss")]
+    assert np.all(np.isfinite(loss)) and len(loss) == state.step // 2
+
+    again = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
+    assert again.resumed
+    newest = checkpoint_folders(str(tmp_path / "runs" / "timed"))[0][1]
+    assert read_state(newest).step == state.step, "the budget was spent: no step after the resume"
