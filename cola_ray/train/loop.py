@@ -270,7 +270,7 @@ def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | Non
                                ray_step) or restored
     if restored is not None:
         check_resume(restored, cfg, w.world)
-        state.step, state.epoch = restored.step, restored.epoch
+        state.step, state.epoch, state.train_seconds = restored.step, restored.epoch, restored.train_seconds
     # Every rank must start from the same step (they read the same folders; check it).
     steps = torch.tensor([float(state.step), -float(state.step)], device=w.device)
     if distributed.all_reduce(steps.clone(), op="max").tolist() != steps.tolist():
