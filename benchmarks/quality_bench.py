@@ -43,18 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="default", help="name of this recipe's pre-training run")
     p.add_argument("--tasks", nargs="*", default=None, help="task folder names (default: every <task>/labels.csv)")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (the paper's 100)")
-    p.add_argument("--max-clips", type=int, default=0, help="use at most this many pool clips (0: all)")
+    p.add_argument("--standardize", action="store_true",
+                   help="z-score embeddings before the probe (every column alike; default: the paper's raw probe)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the pre-training config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
     table = run(args.bench, minutes=args.minutes, config=args.config, workdir=args.workdir, label=args.label,
-                tasks=args.tasks, probe_epochs=args.probe_epochs, overrides=args.overrides)
+                tasks=args.tasks, probe_epochs=args.probe_epochs, overrides=args.overrides,
+                standardize=args.standardize)
     print(markdown(table))
     return 0
 
 
 def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str = "default",
         tasks: list[str] | None = None, probe_epochs: int = 100, overrides: list[str] = (),
-        echo=print) -> dict:
+        standardize: bool = False, echo=print) -> dict:
     """Shards -> tasks -> pre-training within ``minutes`` -> probes -> the table (a dict:
     ``{"rows": {task: {column: test accuracy}}, "average": {column: ...}, ...}``)."""
     from cola_ray.config import load_config
@@ -108,11 +110,11 @@ def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str =
     echo("[3/4] linear probes")
     for t in tasks:
         for column, ref in encoders.items():
-            key = f"{t}|{column}"
+            key = f"{t}|{column}" + ("|standardized" if standardize else "")
             if key in state["probes"]:
                 continue
             baseline = {"random init": "random init", "log-mel": "log-mel"}.get(column, "COLA frozen")
-            r = probe(ref, str(workdir / "shards" / t), epochs=probe_epochs, baseline=baseline,
+            r = probe(ref, str(workdir / "shards" / t), epochs=probe_epochs, baseline=baseline, standardize=standardize,
                       experiment="cola-ray-quality-probes", tracking_uri=tracking,
                       cache_dir=workdir / "embeddings" / (label if column == "COLA pre-trained" else "shared"))
             state["probes"][key] = {"test": r.test_accuracy, "val": r.val_accuracy, "run_id": r.run_id}
@@ -122,10 +124,13 @@ def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str =
     # 4. The table, printed and in MLflow.
     table = {"label": label, "minutes": minutes, "config": config, "overrides": list(overrides),
              "steps": state.get("steps"), "pretrain_run_id": state.get("run_id"),
-             "rows": {t: {c: state["probes"][f"{t}|{c}"]["test"] for c in COLUMNS} for t in tasks}}
+             "probe": "standardized" if standardize else "raw (the paper's)",
+             "rows": {t: {c: state["probes"][f"{t}|{c}" + ("|standardized" if standardize else "")]["test"]
+                          for c in COLUMNS} for t in tasks}}
     table["average"] = {c: sum(row[c] for row in table["rows"].values()) / len(tasks) for c in COLUMNS}
-    if not state.get("table_run_id"):
-        state["table_run_id"] = _log_table(table, tracking)
+    table_key = "table_run_id" + ("_standardized" if standardize else "")
+    if not state.get(table_key):
+        state[table_key] = _log_table(table, tracking)
         save()
     echo("[4/4] done")
     return table
@@ -137,6 +142,7 @@ def markdown(table: dict) -> str:
             for t, row in table["rows"].items()]
     avg = "| **average** | " + " | ".join(f"**{100 * table['average'][c]:.1f}**" for c in COLUMNS) + " |"
     return "\n".join([f"recipe {table['label']}: {table['minutes']:g} min, {table.get('steps')} steps, "
+                      f"probe {table.get('probe', 'raw')}, "
                       f"{table['config']} {' '.join(table['overrides'])}".rstrip(), "", head, *rows, avg])
 
 

@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_probe.add_argument("--epochs", type=int, default=100)
     p_probe.add_argument("--batch-size", type=int, default=64)
     p_probe.add_argument("--seed", type=int, default=0)
+    p_probe.add_argument("--standardize", action="store_true",
+                         help="z-score the embeddings with the train split's statistics (default: off, the paper)")
     p_probe.add_argument("--baseline", choices=baselines, default=None,
                          help="table column; default: 'random init' for random:<model>, else 'COLA frozen'")
     p_probe.add_argument("--experiment", default="cola-ray-downstream")
@@ -239,7 +241,8 @@ def _run(args: argparse.Namespace) -> int:
         from cola_ray.downstream.probe import probe
 
         result = probe(args.encoder, args.task, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
-                       batch_size=args.batch_size, seed=args.seed, baseline=args.baseline or "",
+                       batch_size=args.batch_size, seed=args.seed, standardize=args.standardize,
+                       baseline=args.baseline or "",
                        experiment=args.experiment, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir,
                        refresh=args.refresh, use_gpu=args.use_gpu)
         print(f"validation accuracy {result.val_accuracy:.1%}, test accuracy {result.test_accuracy:.1%}; "

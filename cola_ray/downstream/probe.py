@@ -106,6 +106,7 @@ def train_probe(
     seed: int = 0,
     on_epoch: Callable[[dict[str, float]], Any] | None = None,
     val_split: str = "validation",
+    standardize: bool = False,
 ) -> tuple[nn.Linear, list[dict[str, float]]]:
     """Train ``Linear(D, C)`` on one random segment per train clip per epoch.
 
@@ -114,6 +115,11 @@ def train_probe(
     "train_accuracy"}`` (segment level, on that epoch's crops), plus ``val_accuracy`` and
     ``val_loss`` (clip level) when ``val_split`` has labelled clips, goes to ``on_epoch``
     and into the returned history. Same ``seed`` and data -> same layer.
+
+    ``standardize``: train on embeddings z-scored with the train split's per-dimension mean
+    and standard deviation (as scikit-learn's ``StandardScaler`` before a logistic
+    regression), then fold the statistics into the returned layer, so it still takes raw
+    embeddings. Off: the paper's protocol.
     """
     y = np.asarray(emb["label_index"])
     split = np.asarray(emb["split"])
@@ -122,6 +128,10 @@ def train_probe(
         raise ValueError("no labelled segment in the train split: nothing to train the probe on")
     classes = list(emb["classes"])
     h = torch.from_numpy(np.array(emb["h"], dtype=np.float32))  # a writable copy, (N, D)
+    mean, std = torch.zeros(h.shape[1]), torch.ones(h.shape[1])
+    if standardize:
+        mean, std = h[train].mean(0), h[train].std(0).clamp_min(1e-6)
+        h = (h - mean) / std
     target = torch.from_numpy(y.astype(np.int64))
     # The segments of each train clip, contiguous: clip k owns order[first[k] : first[k] + count[k]].
     clip = _clip_index(emb)
@@ -151,12 +161,21 @@ def train_probe(
         record = {"epoch": epoch, "train_loss": loss_sum / picked.shape[0],
                   "train_accuracy": correct / picked.shape[0]}
         if has_val:
-            result = evaluate(layer, emb, val_split)
+            result = evaluate(_fold(layer, mean, std) if standardize else layer, emb, val_split)
             record["val_accuracy"], record["val_loss"] = result["accuracy"], result["loss"]
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-    return layer.eval(), history
+    return (_fold(layer, mean, std) if standardize else layer).eval(), history
+
+
+def _fold(layer: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """``layer`` on ``(h - mean) / std`` -> the same map as one ``Linear`` on ``h`` (D,)."""
+    out = nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        out.weight.copy_(layer.weight / std)
+        out.bias.copy_(layer.bias - (layer.weight * (mean / std)).sum(1))
+    return out
 
 
 # ---- embeddings, computed once per encoder and task --------------------------------------
@@ -360,6 +379,7 @@ def probe(
     epochs: int = 100,
     batch_size: int = 64,
     seed: int = 0,
+    standardize: bool = False,
     baseline: str = "",
     experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str = "",
@@ -397,10 +417,10 @@ def probe(
     try:
         log_params(client, run_id, {
             "encoder": encoder_ref, "task": task, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
-            "batch_size": batch_size, "seed": seed, **split_counts(emb),
+            "batch_size": batch_size, "seed": seed, "standardize": standardize, **split_counts(emb),
             **{k: meta.get(k) for k in ("segment_samples", "remainder", "dim")}, "classes": len(classes),
         })
-        layer, history = train_probe(emb, lr=lr, weight_decay=weight_decay, epochs=epochs,
+        layer, history = train_probe(emb, lr=lr, weight_decay=weight_decay, epochs=epochs, standardize=standardize,
                                      batch_size=batch_size, seed=seed)
         log_history(client, run_id, history)
         val = evaluate(layer, emb, "validation")

@@ -143,3 +143,24 @@ def test_probe_needs_a_train_split():
     emb["split"] = np.where(emb["split"] == "train", "validation", emb["split"])
     with pytest.raises(ValueError, match="train split"):
         train_probe(emb, epochs=1)
+
+
+def test_standardized_probe_takes_raw_embeddings_and_copes_with_badly_scaled_dimensions():
+    """Embeddings whose informative dimensions are tiny next to a huge constant offset (as
+    unnormalised log-mel statistics or max-pooled activations): the raw probe at the paper's
+    rate cannot use them; z-scored, the same layer separates them, and the
+    folded layer takes the raw embeddings."""
+    emb = dict(toy_embeddings(seed=1))
+    h = np.array(emb["h"]) * 1e-3 + 1e3  # informative part 1000x below a common offset
+    emb["h"] = h.astype(np.float32)
+    raw, _ = train_probe(emb, lr=1e-2, epochs=30, batch_size=8, seed=0)
+    std, _ = train_probe(emb, lr=1e-2, epochs=30, batch_size=8, seed=0, standardize=True)
+    assert evaluate(std, emb, "test")["accuracy"] == 1.0
+    assert evaluate(raw, emb, "test")["accuracy"] < 0.7
+    # The fold: the returned layer on raw h equals a layer on z-scored h.
+    from cola_ray.downstream.probe import _fold
+
+    layer = nn.Linear(h.shape[1], 3)
+    mean, sd = torch.randn(h.shape[1]), torch.rand(h.shape[1]) + 0.5
+    x = torch.randn(5, h.shape[1])
+    torch.testing.assert_close(_fold(layer, mean, sd)(x), layer((x - mean) / sd))
