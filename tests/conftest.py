@@ -53,3 +53,18 @@ def mlflow_server(tmp_path_factory):
         yield uri
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A pre-training checkpoint made by hand (:func:`helpers.factories.hand_made_checkpoint`)."""
+    from helpers.factories import hand_made_checkpoint
+
+    return hand_made_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A module's own MLflow store (sqlite), embeddings cache and Ray Train storage."""
+    root = tmp_path_factory.mktemp("store")
+    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "cache": str(root / "cache"), "runs": str(root / "runs")}

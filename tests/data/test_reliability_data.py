@@ -38,7 +38,8 @@ import pytest
 import torch
 from helpers.faultproxy import FaultProxy
 
-from cola_ray.data import audio, shards, storage, synthetic
+from cola_ray.data import audio, shards, storage
+from helpers.factories import make_shards
 from cola_ray.train.checkpoint import (OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState, load_checkpoint,
                                  save_checkpoint)
 from cola_ray.data.pipeline import ShardTally, decoded_clips
@@ -56,9 +57,7 @@ def figure(text: str) -> None:
 def built(tmp_path_factory) -> Path:
     """3 shards of 3 synthetic 0.4 s clips (FLAC + json each) and their manifest."""
     root = tmp_path_factory.mktemp("integrity")
-    synthetic.make_corpus(root / "clips", n_clips=9, seconds=0.4, seed=5)
-    shards.build_shards(root / "clips", root / "shards", max_samples=3, progress=False)
-    return root / "shards"
+    return make_shards(root, n_clips=9, seconds=0.4, seed=5, max_samples=3, labels=False)
 
 
 def _samples(data: bytes) -> list[tuple[str, dict[str, bytes]]]:

@@ -288,13 +288,12 @@ REGISTERED = "cola-test-encoder"
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
-    from cola_ray.data import shards, synthetic
+    from helpers.factories import make_shards
     from cola_ray.config import load_config
     from cola_ray.train.trainer import fit
 
     root = tmp_path_factory.mktemp("trained")
-    synthetic.make_corpus(root / "clips", n_clips=24, seconds=2.0, seed=5)
-    shards.build_shards(root / "clips", root / "shards", max_samples=8, progress=False)
+    make_shards(root, n_clips=24, seconds=2.0, seed=5, max_samples=8, labels=False)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(None, [
         f"data.shards={root / 'shards'}", "data.shuffle_buffer=16", "data.decode_num_cpus=0.5",

@@ -24,7 +24,7 @@ from cola_ray.downstream.embed import split_segments
 from cola_ray.downstream.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
                                train_labels)
 from cola_ray.downstream.report import report
-from helpers.factories import hand_made_checkpoint, labelled_task
+from helpers.factories import labelled_task
 from helpers.services import run_in_session
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
@@ -36,17 +36,6 @@ DATA = {"classes": CLASSES, "sample_rate": 16000, "segment_samples": 15600, "rem
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return labelled_task(tmp_path_factory.mktemp("task"), CLASSES, n_clips=32, name="toy-ft", max_samples=8)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return hand_made_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "runs": str(root / "runs")}
 
 
 def test_from_scratch_keeps_the_architecture_and_draws_new_weights(checkpoint):

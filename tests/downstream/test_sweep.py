@@ -22,7 +22,7 @@ from cola_ray.downstream.probe import cached_embeddings, probe
 from cola_ray.downstream.report import report
 from cola_ray.downstream.sweep import sweep
 from cola_ray.downstream.sweep_config import load_sweep_config
-from helpers.factories import hand_made_checkpoint, labelled_task
+from helpers.factories import labelled_task
 from helpers.paths import CONFIGS
 
 CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted
@@ -33,17 +33,6 @@ SWEEP_YAML = CONFIGS / "sweep.yaml"
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     return labelled_task(tmp_path_factory.mktemp("task"), CLASSES, n_clips=40, name="toy-sounds", max_samples=10)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return hand_made_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    return {"uri": f"sqlite:///{root / 'mlflow.db'}", "cache": str(root / "cache"), "runs": str(root / "runs")}
 
 
 @pytest.mark.slow

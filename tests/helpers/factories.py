@@ -11,6 +11,21 @@ from cola_ray.train.checkpoint import TrainState, save_checkpoint
 from cola_ray.config import Config, ModelConfig, load_config
 
 
+def make_shards(root: Path, *, n_clips: int, seconds: float, seed: int, max_samples: int,
+                out: str | Path | None = None, labels: bool = True) -> str | Path:
+    """The synthetic corpus (:func:`cola_ray.data.synthetic.make_corpus`: ``n_clips`` clips of
+    ``seconds``, kept in ``root/clips``) as shards of ``max_samples`` at ``out`` (default
+    ``root/shards``; a folder or s3://), with the family labels in each sample's json unless
+    ``labels=False``. Returns ``out``: the one corpus-and-shards maker of the tests."""
+    from cola_ray.data import shards, synthetic
+
+    csv = synthetic.make_corpus(root / "clips", n_clips=n_clips, seconds=seconds, seed=seed)
+    out = root / "shards" if out is None else out
+    shards.build_shards(root / "clips", out, labels_csv=csv if labels else None, max_samples=max_samples,
+                        progress=False)
+    return out
+
+
 def labelled_task(root: Path, classes: list[str], *, n_clips: int, name: str, max_samples: int) -> Path:
     """Synthetic clips of ``classes`` (1.5 s, kept in ``root/clips``) -> labelled shards under
     ``root/shards`` with a task.json listing ``classes`` in the given order; returns ``root``."""

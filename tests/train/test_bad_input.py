@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cola_ray.data import shards, synthetic
+from helpers.factories import make_shards
 from cola_ray.config import load_config
 from cola_ray.train.cluster import ResourceError, check_resources
 from cola_ray.train.trainer import fit
@@ -25,9 +25,7 @@ BOUND_S = 60.0
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
-    synthetic.make_corpus(root / "clips", n_clips=8, seconds=1.0, seed=3)
-    shards.build_shards(root / "clips", root / "shards", max_samples=8, progress=False)
-    return root / "shards"
+    return make_shards(root, n_clips=8, seconds=1.0, seed=3, max_samples=8, labels=False)
 
 
 def cfg_with(tmp_path, shards_path, *extra):

@@ -59,11 +59,10 @@ def test_multinode_placement_s3_mlflow_and_node_loss(moto_s3, s3_bucket, tmp_pat
     from mlflow.tracking import MlflowClient
     from helpers.services import run_in_session, start_mlflow_server, stop_process_group
 
-    from cola_ray.data import shards, synthetic, storage
+    from cola_ray.data import storage
+    from helpers.factories import make_shards
 
-    labels = synthetic.make_corpus(tmp_path / "clips", n_clips=48, seconds=2.0, seed=5)
-    shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", labels_csv=labels, max_samples=8,
-                        progress=False)
+    make_shards(tmp_path, n_clips=48, seconds=2.0, seed=5, max_samples=8, out=f"{s3_bucket}/shards")
 
     # An MLflow server whose artifacts live in the same S3.
     server, uri = start_mlflow_server(tmp_path, f"{s3_bucket}/mlflow",

@@ -39,10 +39,9 @@ from mlflow.tracking import MlflowClient
 from helpers.paths import BIN
 from helpers.services import descendants, free_port, start_mlflow_server, stop_process_group
 
-from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
 from cola_ray.train.trainer import fit
-from helpers.factories import tiny_config
+from helpers.factories import make_shards, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +52,7 @@ CKPT_EVERY = 10
 def corpus(tmp_path_factory):
     """128 one-second clips in 8 shards: 8 steps of 16 pairs per epoch."""
     root = tmp_path_factory.mktemp("rel-corpus")
-    labels = synthetic.make_corpus(root / "clips", n_clips=128, seconds=1.2, seed=4)
-    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=16, progress=False)
-    return root / "shards"
+    return make_shards(root, n_clips=128, seconds=1.2, seed=4, max_samples=16)
 
 
 def tiny(tmp_path, shards_path, tracking_uri, *extra):

@@ -77,7 +77,8 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
     from mlflow.tracking import MlflowClient
     from helpers.services import run_in_session, start_mlflow_server, stop_process_group
 
-    from cola_ray.data import shards, storage, synthetic
+    from cola_ray.data import storage
+    from helpers.factories import make_shards
 
     tag = uuid.uuid4().hex[:12]
     canaries = {
@@ -85,8 +86,7 @@ def test_canary_secrets_found_nowhere(moto_s3, s3_bucket, tmp_path):
         "mlflow-password": f"canary-mlflowpw-{tag}",
         "uri-password": f"canary-uripw-{tag}",
     }
-    synthetic.make_corpus(tmp_path / "clips", n_clips=16, seconds=2.0, seed=4)
-    shards.build_shards(tmp_path / "clips", f"{s3_bucket}/shards", max_samples=8, progress=False)
+    make_shards(tmp_path, n_clips=16, seconds=2.0, seed=4, max_samples=8, out=f"{s3_bucket}/shards", labels=False)
 
     server_root = tmp_path / "mlflow-server"
     server_root.mkdir()

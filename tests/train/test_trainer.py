@@ -12,10 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cola_ray.data import shards, synthetic
 from cola_ray.config import ConfigError
 from cola_ray.train.trainer import fit
-from helpers.factories import tiny_config as tiny
+from helpers.factories import make_shards, tiny_config as tiny
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def corpus_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    labels = synthetic.make_corpus(root / "clips", n_clips=64, seconds=2.0, seed=1)
-    shards.build_shards(root / "clips", root / "shards", labels_csv=labels, max_samples=16, progress=False)
-    return root / "shards"
+    return make_shards(root, n_clips=64, seconds=2.0, seed=1, max_samples=16)
 
 
 def test_pretrain_learns_logs_and_resumes(ray_local, corpus_shards, tmp_path, mlflow_server):
@@ -81,8 +78,7 @@ def test_pretrain_learns_logs_and_resumes(ray_local, corpus_shards, tmp_path, ml
 def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
     """One of three shards is cut short: training goes on with the others, and the run says
     which shard was set aside and why (a tag), and how many (a metric), not only a count."""
-    labels = synthetic.make_corpus(tmp_path / "clips", n_clips=24, seconds=2.0, seed=3)
-    shards.build_shards(tmp_path / "clips", tmp_path / "shards", labels_csv=labels, max_samples=8, progress=False)
+    make_shards(tmp_path, n_clips=24, seconds=2.0, seed=3, max_samples=8)
     victim = sorted((tmp_path / "shards").glob("*.tar"))[1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
