@@ -234,6 +234,25 @@ class AugmentConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online evaluation during pre-training (off by default): every ``every_steps``, world
+    rank 0 embeds small labelled tasks with the current encoder and fits a fast probe."""
+
+    every_steps: int = 0
+    """0 = off. Checked at checkpoint-free steps too; the other ranks wait at their next
+    collective while rank 0 evaluates (seconds for a few hundred clips)."""
+    tasks: str = ""
+    """Task shard folders (``cola-ray tasks prepare``), comma-separated: a folder or s3:// each."""
+    split: str = "test"
+    """The split scored: ``test`` (the tables' split; a monitor, not a selection criterion) or
+    ``validation``. The probe trains on ``train``."""
+    max_clips: int = 400
+    """At most this many clips per split and task (the first ones read), kept in memory."""
+    probe_steps: int = 300
+    """Full-batch Adam steps of the probe: a standardised logistic regression."""
+
+
+@dataclass
 class TrackingConfig:
     """MLflow."""
 
@@ -272,6 +291,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # ---- conversions -------------------------------------------------------------
@@ -356,6 +376,15 @@ class Config:
                               f"in [0, 1), got {a.gain_db}, {a.freq_mask}, {a.time_mask}, {a.time_shift}")
         if a.freq_mask >= f.n_mels:
             raise ConfigError(f"augment.freq_mask={a.freq_mask} must be below features.n_mels={f.n_mels}")
+        e = self.eval
+        if e.every_steps < 0 or (e.every_steps and not e.tasks.strip()):
+            raise ConfigError(f"eval.every_steps={e.every_steps} needs eval.tasks (task shard folders, "
+                              "comma-separated); 0 turns online evaluation off")
+        if e.split not in ("test", "validation"):
+            raise ConfigError(f"eval.split must be 'test' or 'validation', got {e.split!r}")
+        if e.max_clips < 2 or e.probe_steps < 1:
+            raise ConfigError(f"eval.max_clips must be >= 2 and eval.probe_steps >= 1, got {e.max_clips}, "
+                              f"{e.probe_steps}")
         if t.bilinear_lr < 0:
             raise ConfigError(f"train.bilinear_lr must be >= 0 (0 = train.lr), got {t.bilinear_lr}")
         if d.short_clips not in ("pad", "skip"):

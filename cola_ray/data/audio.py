@@ -285,3 +285,35 @@ def _error_detail(e: Exception) -> str:
     # libsndfile's messages quote the BytesIO's repr; drop the address so reports are stable.
     return re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "data", f"{type(e).__name__}: {e}")
 
+
+REMAINDERS = ("end", "drop", "pad")
+"""What :func:`split_segments` does with the last ``T mod n`` samples of a clip."""
+
+
+def split_segments(wave: np.ndarray, n: int, remainder: str = "end") -> tuple[np.ndarray, np.ndarray]:
+    """A clip (T,) -> ``(segments (K, n) float32, starts (K,) int64)``, each segment L2-normalised.
+
+    Non-overlapping segments from sample 0; the last ``T mod n`` samples are handled by
+    ``remainder`` (why ``end`` is the default: :mod:`cola_ray.downstream.embed`): ``"end"`` adds a segment ending at the
+    clip's last sample, ``"drop"`` leaves them out, ``"pad"`` zero-pads them to ``n``.
+    A clip of at most ``n`` samples is one segment, zero-padded and centred (start 0).
+    """
+    if wave.ndim != 1:
+        raise ValueError(f"expected a mono wave (T,), got {wave.shape}")
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    t = wave.shape[0]
+    if t <= n:
+        return l2_normalize(pad_center(wave, n))[None, :], np.zeros(1, np.int64)
+    starts = list(range(0, t - n + 1, n))
+    pieces = [wave[s : s + n] for s in starts]
+    if t % n:
+        if remainder == "end":
+            starts.append(t - n)
+            pieces.append(wave[t - n :])
+        elif remainder == "pad":
+            last = len(starts) * n
+            starts.append(last)
+            pieces.append(np.pad(wave[last:], (0, n - (t - last))))
+    segments = np.stack([l2_normalize(p) for p in pieces]).astype(np.float32, copy=False)
+    return segments, np.asarray(starts, dtype=np.int64)

@@ -37,7 +37,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import ray
 
-from cola_ray.data import audio, pipeline, shards, storage
+from cola_ray.data import pipeline, shards, storage
+from cola_ray.data.audio import REMAINDERS, split_segments  # noqa: F401  (this module's public names before)
 from cola_ray.train import cluster, tracking
 from cola_ray.data.pipeline import SampleCounter
 from cola_ray.data.tasks import TASK_FILE
@@ -45,38 +46,6 @@ from cola_ray.data.tasks import TASK_FILE
 FORMAT = "cola-ray-embeddings/1"
 EMBEDDINGS_FILE = "embeddings.parquet"
 META_FILE = "embeddings.json"
-REMAINDERS = ("end", "drop", "pad")
-
-
-# ---- segments (pure numpy) ----------------------------------------------------------
-
-def split_segments(wave: np.ndarray, n: int, remainder: str = "end") -> tuple[np.ndarray, np.ndarray]:
-    """A clip (T,) -> ``(segments (K, n) float32, starts (K,) int64)``, each segment L2-normalised.
-
-    Non-overlapping segments from sample 0; the last ``T mod n`` samples are handled by
-    ``remainder`` (see the module docstring): ``"end"`` adds a segment ending at the
-    clip's last sample, ``"drop"`` leaves them out, ``"pad"`` zero-pads them to ``n``.
-    A clip of at most ``n`` samples is one segment, zero-padded and centred (start 0).
-    """
-    if wave.ndim != 1:
-        raise ValueError(f"expected a mono wave (T,), got {wave.shape}")
-    if remainder not in REMAINDERS:
-        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
-    t = wave.shape[0]
-    if t <= n:
-        return audio.l2_normalize(audio.pad_center(wave, n))[None, :], np.zeros(1, np.int64)
-    starts = list(range(0, t - n + 1, n))
-    pieces = [wave[s : s + n] for s in starts]
-    if t % n:
-        if remainder == "end":
-            starts.append(t - n)
-            pieces.append(wave[t - n :])
-        elif remainder == "pad":
-            last = len(starts) * n
-            starts.append(last)
-            pieces.append(np.pad(wave[last:], (0, n - (t - last))))
-    segments = np.stack([audio.l2_normalize(p) for p in pieces]).astype(np.float32, copy=False)
-    return segments, np.asarray(starts, dtype=np.int64)
 
 
 # ---- Ray Data stages -----------------------------------------------------------------

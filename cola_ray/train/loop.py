@@ -8,6 +8,7 @@
     restore     Ray Train's checkpoint, or a newer complete one of this run   :func:`restore`
     each batch  step (skipped on every rank if any loss is not finite)       :class:`Stepper`
                 log every ``log_every_steps`` (world rank 0 writes MLflow)    :class:`StepLogger`
+                evaluate every ``eval.every_steps`` (rank 0)  :class:`cola_ray.train.online_eval.OnlineEval`
                 checkpoint every ``checkpoint_every_steps`` (``ray.train.report``, a barrier:
                 every rank calls it; rank 0 attaches the checkpoint)          :class:`Checkpointer`
     finish      the last window and checkpoint, the MLflow spool flushed, the encoder logged
@@ -82,6 +83,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = StepLogger(w, run, resumed)
     checkpointer = Checkpointer(w, logger.spool, state.step)
     clock = Clock(w, state)
+    evaluator = _evaluator(w)  # world rank 0 only, with eval.every_steps
     done = ((cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps)
             or 0 < cfg.train.max_minutes * 60 <= state.train_seconds)  # restored: the same on every rank
 
@@ -101,6 +103,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % cfg.train.log_every_steps == 0:
                 logger.log(state, lr=w.optimizer.param_groups[0]["lr"])
                 done = clock.out_of_time() or done
+            # Evaluate: rank 0 probes eval.tasks with the encoder as it is (the others wait at their next collective).
+            if evaluator is not None and evaluator.due(state.step):
+                logger.log_eval(evaluator.run(w.core.encoder), state.step)
             # Checkpoint: every checkpoint_every_steps, and at the last step.
             if state.step % cfg.train.checkpoint_every_steps == 0 or done:
                 checkpointer.save(state)
@@ -235,6 +240,15 @@ class Clock:
             return False
         over = float(self.w.rank == 0 and self.seconds() >= limit)
         return distributed.all_reduce(torch.tensor(over, device=self.w.device), op="max").item() > 0
+
+
+def _evaluator(w: "Setup") -> Any:
+    """:class:`cola_ray.train.online_eval.OnlineEval` on world rank 0 when ``eval.every_steps`` is set."""
+    if w.rank != 0 or not w.cfg.eval.every_steps:
+        return None
+    from cola_ray.train.online_eval import OnlineEval
+
+    return OnlineEval(w.cfg, w.device)
 
 
 # ---- restore --------------------------------------------------------------------------
@@ -483,6 +497,13 @@ class StepLogger:
             _fail_together(w.rank, snap, w.cfg, w.device)
         if self.spool is not None:
             self.spool.log_metrics(metrics, step=state.step)
+
+    def log_eval(self, metrics: Mapping[str, float], step: int) -> None:
+        """Rank 0's online-evaluation results at ``step``: to MLflow, and one line to the log."""
+        log.info("step %d: online evaluation %s", step, ", ".join(
+            f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.endswith("/accuracy")))
+        if self.spool is not None:
+            self.spool.log_metrics(dict(metrics), step=step)
 
     def log_rest(self, state: TrainState) -> None:
         """The steps since the last log line (the same count on every rank)."""

@@ -97,14 +97,19 @@ def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
 def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray_local, corpus_shards, tmp_path,
                                                                            mlflow_server):
     """train.max_minutes with the recipe options on (augmentations, running log-mel
-    normalisation, bilinear scale and W's own rate, warm-up): the run stops on time, not on
-    epochs, at a log step, and a resume with the same budget trains no further."""
+    normalisation, bilinear scale and W's own rate, warm-up) and online evaluation: the run
+    stops on time, not on epochs, at a log step, logs its evaluations, and a resume with the
+    same budget trains no further."""
     from cola_ray.train.checkpoint import checkpoint_folders, read_state
+    from helpers.factories import labelled_task
+
+    task = labelled_task(tmp_path / "eval", ["chirps", "tones"], n_clips=40, name="toy-online", max_samples=20)
 
     opts = ["name=timed", "train.max_minutes=0.2", "train.log_every_steps=2", "train.checkpoint_every_steps=1000",
             "augment.gain_db=6", "augment.mix_prob=0.5", "augment.noise_prob=0.5", "augment.time_shift=0.1",
             "augment.freq_mask=8", "augment.time_mask=10", "features.normalize=running",
-            "model.bilinear_scale=sqrt", "train.bilinear_lr=0.01", "train.warmup_steps=5"]
+            "model.bilinear_scale=sqrt", "train.bilinear_lr=0.01", "train.warmup_steps=5",
+            "eval.every_steps=8", f"eval.tasks={task / 'shards'}", "eval.probe_steps=50"]
     first = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
     state = read_state(first.checkpoint)
     steps_per_epoch = 64 // 16
@@ -112,6 +117,9 @@ def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray
     assert state.step < 100 * steps_per_epoch and state.step % 2 == 0, state  # on time, at a log step
     loss = [m.value for m in MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "loss")]
     assert np.all(np.isfinite(loss)) and len(loss) == state.step // 2
+    evals = MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "eval/toy-online/accuracy")
+    assert sorted(m.step for m in evals) == list(range(8, state.step + 1, 8))
+    assert all(0.0 <= m.value <= 1.0 for m in evals)  # the probe's own figures: test_online_eval.py
 
     again = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
     assert again.resumed
