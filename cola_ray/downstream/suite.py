@@ -3,7 +3,8 @@
 ::
 
     tasks (prepared shards | a dataset to prepare | "synthetic")
-      x columns  random init      probe sweep   of random:<the encoder's architecture>
+      x columns  log-mel          probe sweep   of logmel (log-mel mean + std, nothing learned)
+                 random init      probe sweep   of random:<the encoder's architecture>
                  COLA frozen      probe sweep   of the encoder
                  supervised       fine-tune sweep from scratch (the encoder's architecture)
                  COLA fine-tuned  fine-tune sweep of the encoder
@@ -37,7 +38,7 @@ from cola_ray.data import storage
 from cola_ray.config import ConfigError, read_settings
 from cola_ray.downstream.probe import BASELINES, DEFAULT_EXPERIMENT
 
-PROBE_COLUMNS = ("random init", "COLA frozen")
+PROBE_COLUMNS = ("log-mel", "random init", "COLA frozen")
 FINETUNE_COLUMNS = ("supervised", "COLA fine-tuned")
 SYNTHETIC = "synthetic"
 
@@ -116,7 +117,10 @@ def run_suite(
             started = time.monotonic()
             try:
                 cluster.connect(ray_address)  # here, not before: a resumed suite may have nothing left to run
-                if column == "random init":
+                if column == "log-mel":  # the hand-made features: nothing learned, the same probe sweep
+                    out = sweep("logmel", shards_url, baseline=column, storage_path=f"{storage_path}/sweeps",
+                                **common, **probe)
+                elif column == "random init":
                     out = sweep(random_encoder, shards_url, baseline=column,
                                 storage_path=f"{storage_path}/sweeps", **common, **probe)
                 elif column == "COLA frozen":
