@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 done = clock.out_of_time() or done
             # Evaluate: rank 0 probes eval.tasks with the encoder as it is (the others wait at their next collective).
             if evaluator is not None and evaluator.due(state.step):
-                logger.log_eval(evaluator.run(w.core.encoder), state.step)
+                logger.log_eval(evaluator.run_safely(w.core.encoder), state.step)
             # Checkpoint: every checkpoint_every_steps, and at the last step.
             if state.step % cfg.train.checkpoint_every_steps == 0 or done:
                 checkpointer.save(state)

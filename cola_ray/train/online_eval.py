@@ -77,6 +77,31 @@ def load_task(url: str, cfg: Config) -> EvalTask:
                     np.asarray([index.get(label, -1) for label in labels]), np.asarray(splits), classes)
 
 
+def check_tasks(cfg: Config) -> None:
+    """On the driver, before any worker starts: every ``eval.tasks`` folder holds shards and
+    a task.json whose splits include train and ``eval.split``; ``ValueError`` names the folder."""
+    import json
+
+    from cola_ray.data import storage
+
+    for url in (u.strip() for u in cfg.eval.tasks.split(",") if u.strip()):
+        try:
+            urls = shards.shard_urls(url, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+            meta = json.loads(storage.read_bytes(f"{url.rstrip('/')}/task.json", cfg.data.s3_endpoint_url,
+                                                 cfg.data.s3_region))
+        except (OSError, ValueError, shards.ShardError) as e:
+            raise ValueError(f"eval.tasks: {url} is not a task folder (cola-ray tasks prepare): {e}") from None
+        if not urls:
+            raise ValueError(f"eval.tasks: {url} holds no shards")
+        if "splits" not in meta:  # tasks made by hand (the tests' synthetic ones) may not count them
+            continue
+        splits = {k for k, n in meta["splits"].items() if n}
+        missing = {"train", cfg.eval.split} - splits
+        if missing:
+            raise ValueError(f"eval.tasks: {url} has no {' or '.join(sorted(missing))} "
+                             f"split to evaluate on (its splits: {sorted(splits)})")
+
+
 def _task_name(url: str, cfg: Config) -> str:
     """task.json's name (``cola-ray tasks prepare``), else the folder's."""
     import json
@@ -133,6 +158,7 @@ class OnlineEval:
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        self.failures = 0
         t0 = time.monotonic()
         self.tasks = [load_task(url.strip(), cfg) for url in cfg.eval.tasks.split(",") if url.strip()]
         log.info("online evaluation: %s loaded in %.1fs", ", ".join(
@@ -140,6 +166,17 @@ class OnlineEval:
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.eval.every_steps) and step % self.cfg.eval.every_steps == 0
+
+    def run_safely(self, encoder: torch.nn.Module) -> dict[str, float]:
+        """:meth:`run`, but a failing evaluation is logged and counted (``eval/failures``),
+        never raised: a monitor must not stop days of training."""
+        try:
+            return {**self.run(encoder), "eval/failures": float(self.failures)}
+        except Exception as e:  # noqa: BLE001 - any failure of the monitor
+            self.failures += 1
+            log.warning("online evaluation failed (%d so far), training goes on: %s: %s", self.failures,
+                        type(e).__name__, e)
+            return {"eval/failures": float(self.failures)}
 
     def run(self, encoder: torch.nn.Module) -> dict[str, float]:
         """``{"eval/<task>/accuracy": ..., "eval/seconds": ...}`` for the encoder as it is now."""

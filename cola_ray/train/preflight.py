@@ -6,6 +6,7 @@
     cfg.validate()                      cross-field config errors, naming the field
     S3 endpoint reachable               when shards or storage are s3:// (a TCP probe)
     data.shards resolved and listed     ``synthetic`` built once; a missing path or bucket named
+    eval.tasks are task folders         with train and eval.split clips (online evaluation)
     MLflow server reachable             http(s) tracking URIs (a /health probe)
     Ray address reachable               a TCP probe: ``ray.init`` alone waits forever on a dead head
     run name                            the configured one, resume=true's latest run, or a new one
@@ -53,6 +54,13 @@ def preflight(cfg: Config, echo: Callable[[str], None] = print) -> RunPlan:
     cluster.check_s3_endpoint(cfg)
     cfg = resolve_shards(cfg, echo)
     urls = list_shards(cfg.data)
+    if cfg.eval.every_steps:
+        from cola_ray.train.online_eval import check_tasks
+
+        try:
+            check_tasks(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     tracking.check_server(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
     cluster.check_ray_address(cfg.ray_address)
     fs, root = ray_storage(cfg.storage_path, cfg.data.s3_endpoint_url, cfg.data.s3_region)

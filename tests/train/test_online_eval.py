@@ -45,3 +45,26 @@ def test_online_probe_scores_separating_features_high_and_blind_ones_at_chance(t
 def test_online_eval_needs_tasks_named_in_the_error():
     with pytest.raises(ConfigError, match="eval.tasks"):
         load_config(None, ["eval.every_steps=10"])
+
+
+class Broken(torch.nn.Module):
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA out of memory (pretend)")
+
+
+def test_a_failing_evaluation_is_counted_and_never_raised(task):
+    cfg = load_config(None, ["eval.every_steps=10", f"eval.tasks={task / 'shards'}", "eval.probe_steps=20"])
+    ev = OnlineEval(cfg, torch.device("cpu"))
+    assert ev.run_safely(Broken()) == {"eval/failures": 1.0}
+    ok = ev.run_safely(LogMelStats(FeatureConfig()))
+    assert ok["eval/failures"] == 1.0 and "eval/toy-eval/accuracy" in ok
+
+
+def test_bad_eval_tasks_are_refused_before_training_naming_the_folder(task, tmp_path):
+    from cola_ray.train.online_eval import check_tasks
+
+    check_tasks(load_config(None, ["eval.every_steps=10", f"eval.tasks={task / 'shards'}"]))
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        with pytest.raises(ValueError, match=str(folder)):
+            check_tasks(load_config(None, ["eval.every_steps=10", f"eval.tasks={task / 'shards'},{folder}"]))
