@@ -32,6 +32,10 @@ _FORMATS = {
 }
 
 
+SYNTHETIC = "synthetic"
+"""The value of ``data.shards`` (pre-training) and of a suite task that asks for this corpus."""
+
+
 def make_corpus(
     out_dir: str | Path,
     n_clips: int = 300,

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from cola_ray.data import storage
+from cola_ray.data.synthetic import SYNTHETIC
 from cola_ray.config import ConfigError, read_settings
 from cola_ray.downstream.probe import BASELINES, DEFAULT_EXPERIMENT
 
 PROBE_COLUMNS = ("log-mel", "random init", "COLA frozen")
 FINETUNE_COLUMNS = ("supervised", "COLA fine-tuned")
-SYNTHETIC = "synthetic"
 
 
 @dataclass

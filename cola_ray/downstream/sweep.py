@@ -25,7 +25,6 @@ reachable (a local sqlite file is not) from every node::
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from ray.tune.search import BasicVariantGenerator
 from cola_ray.train import cluster, tracking
 from cola_ray.downstream import embed
 from cola_ray.downstream import tune_runs
+from cola_ray.train.paths import storage_root
 from cola_ray.downstream.tune_runs import SweepResult, TrialRuns, close_children, trial_table
 from cola_ray.downstream.probe import (
     DEFAULT_EXPERIMENT,
@@ -162,7 +162,7 @@ def sweep(
                 search_alg=BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed),
                 num_samples=num_samples,
             ),
-            run_config=tune.RunConfig(name=run_name, storage_path=os.path.abspath(storage_path),
+            run_config=tune.RunConfig(name=run_name, storage_path=storage_root(storage_path),
                                       callbacks=[callback], verbose=verbose),
         )
         grid = tuner.fit()

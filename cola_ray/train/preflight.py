@@ -25,14 +25,10 @@ from typing import Callable
 
 from cola_ray.config import Config, ConfigError
 from cola_ray.data.pipeline import list_shards
-from cola_ray.data.synthetic import ensure_synthetic_shards
+from cola_ray.data.synthetic import SYNTHETIC, ensure_synthetic_shards
 from cola_ray.train import cluster, tracking
 from cola_ray.train.checkpoint import CheckpointError, check_resume, checkpoint_folders, read_state_at
 from cola_ray.train.paths import SYNTHETIC_SHARDS, RunPaths, ray_storage, run_name
-
-SYNTHETIC = "synthetic"
-"""``data.shards`` value that asks for the generated demo corpus."""
-
 
 @dataclass(frozen=True)
 class RunPlan:
