@@ -45,18 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-epochs", type=int, default=100, help="linear-probe epochs (the paper's 100)")
     p.add_argument("--standardize", action="store_true",
                    help="z-score embeddings before the probe (every column alike; default: the paper's raw probe)")
+    p.add_argument("--pooling", choices=("logits", "mean"), default="logits",
+                   help="a clip's segments: average the probe's logits (the paper) or the embeddings")
+    p.add_argument("--online-eval", type=int, default=0, metavar="N",
+                   help="evaluate every task online every N pre-training steps (eval.every_steps, async)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the pre-training config")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     table = run(args.bench, minutes=args.minutes, config=args.config, workdir=args.workdir, label=args.label,
                 tasks=args.tasks, probe_epochs=args.probe_epochs, overrides=args.overrides,
-                standardize=args.standardize)
+                standardize=args.standardize, pooling=args.pooling, online_eval=args.online_eval)
     print(markdown(table))
     return 0
 
 
 def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str = "default",
         tasks: list[str] | None = None, probe_epochs: int = 100, overrides: list[str] = (),
-        standardize: bool = False, echo=print) -> dict:
+        standardize: bool = False, pooling: str = "logits", online_eval: int = 0, echo=print) -> dict:
     """Shards -> tasks -> pre-training within ``minutes`` -> probes -> the table (a dict:
     ``{"rows": {task: {column: test accuracy}}, "average": {column: ...}, ...}``)."""
     from cola_ray.config import load_config
@@ -91,7 +95,10 @@ def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str =
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(config, [f"data.shards={pool}", f"storage_path={workdir / 'runs'}",
                                f"tracking.tracking_uri={tracking}", "tracking.experiment=cola-ray-quality-pretrain",
-                               f"name=quality-{label}", f"train.max_minutes={minutes}", *overrides])
+                               f"name=quality-{label}", f"train.max_minutes={minutes}",
+                               *([f"eval.every_steps={online_eval}",
+                                  "eval.tasks=" + ",".join(str(workdir / "shards" / t) for t in tasks)]
+                                 if online_eval else []), *overrides])
     if not state.get("checkpoint"):
         from cola_ray.train.trainer import fit
 
@@ -108,13 +115,15 @@ def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str =
     from cola_ray.downstream.probe import probe
 
     echo("[3/4] linear probes")
+    protocol = ("|standardized" if standardize else "") + ("|mean-pooled" if pooling == "mean" else "")
     for t in tasks:
         for column, ref in encoders.items():
-            key = f"{t}|{column}" + ("|standardized" if standardize else "")
+            key = f"{t}|{column}{protocol}"
             if key in state["probes"]:
                 continue
             baseline = {"random init": "random init", "log-mel": "log-mel"}.get(column, "COLA frozen")
             r = probe(ref, str(workdir / "shards" / t), epochs=probe_epochs, baseline=baseline, standardize=standardize,
+                      pooling=pooling,
                       experiment="cola-ray-quality-probes", tracking_uri=tracking,
                       cache_dir=workdir / "embeddings" / (label if column == "COLA pre-trained" else "shared"))
             state["probes"][key] = {"test": r.test_accuracy, "val": r.val_accuracy, "run_id": r.run_id}
@@ -124,11 +133,11 @@ def run(bench: Path, *, minutes: float, config: str, workdir: Path, label: str =
     # 4. The table, printed and in MLflow.
     table = {"label": label, "minutes": minutes, "config": config, "overrides": list(overrides),
              "steps": state.get("steps"), "pretrain_run_id": state.get("run_id"),
-             "probe": "standardized" if standardize else "raw (the paper's)",
-             "rows": {t: {c: state["probes"][f"{t}|{c}" + ("|standardized" if standardize else "")]["test"]
+             "probe": protocol.replace("|", " ").strip() or "raw (the paper's)",
+             "rows": {t: {c: state["probes"][f"{t}|{c}{protocol}"]["test"]
                           for c in COLUMNS} for t in tasks}}
     table["average"] = {c: sum(row[c] for row in table["rows"].values()) / len(tasks) for c in COLUMNS}
-    table_key = "table_run_id" + ("_standardized" if standardize else "")
+    table_key = "table_run_id" + protocol.replace("|", "_")
     if not state.get(table_key):
         state[table_key] = _log_table(table, tracking)
         save()

@@ -235,12 +235,25 @@ class AugmentConfig:
 
 @dataclass
 class EvalConfig:
-    """Online evaluation during pre-training (off by default): every ``every_steps``, world
-    rank 0 embeds small labelled tasks with the current encoder and fits a fast probe."""
+    """Online evaluation during pre-training (off by default): every ``every_steps``, the
+    current encoder embeds small labelled tasks and a fast probe scores them."""
 
     every_steps: int = 0
-    """0 = off. Checked at checkpoint-free steps too; the other ranks wait at their next
-    collective while rank 0 evaluates (seconds for a few hundred clips)."""
+    """0 = off. With ``mode: async`` each evaluation step also writes a checkpoint (kept until
+    it is evaluated) that a Ray Train validation task scores."""
+    mode: str = "async"
+    """``async``: Ray Train's validation (``ray.train.report(..., validation=...)``): a Ray task
+    on its own ``num_cpus`` loads the step's checkpoint and evaluates it while training goes
+    on; its results reach the MLflow run at that step. ``inline``: world rank 0 evaluates
+    between two steps and the other ranks wait at their next collective (no extra
+    checkpoint, no extra resources)."""
+    num_cpus: float = 1.0
+    """CPUs the async evaluation task asks Ray for (its torch threads follow)."""
+    num_gpus: float = 0.0
+    """GPUs the async evaluation task asks for (0: it embeds on CPU)."""
+    timeout_s: float = 900.0
+    """An async evaluation that takes longer is cancelled and counted as failed (0 = never):
+    one hung evaluation would otherwise hold back every later one and the run's end."""
     tasks: str = ""
     """Task shard folders (``cola-ray tasks prepare``), comma-separated: a folder or s3:// each."""
     split: str = "test"
@@ -272,6 +285,12 @@ class TrackingConfig:
     flush_timeout_s: float = 60.0
     """At the end of training, how long rank 0 waits for MLflow to take the spooled records;
     what is left stays in the spool for ``cola-ray replay-metrics``."""
+    system_metrics: bool = True
+    """MLflow system metrics in the run: CPU, memory, disk, network and (with ``nvidia-ml-py``,
+    ``pip install 'cola-ray[gpu]'``) each GPU's utilisation and memory, sampled on every node
+    by its local rank 0 as ``system/node_<rank>/<name>``. False: none."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metrics samples (MLflow's default)."""
 
 
 @dataclass
@@ -380,11 +399,19 @@ class Config:
         if e.every_steps < 0 or (e.every_steps and not e.tasks.strip()):
             raise ConfigError(f"eval.every_steps={e.every_steps} needs eval.tasks (task shard folders, "
                               "comma-separated); 0 turns online evaluation off")
+        if e.mode not in ("async", "inline"):
+            raise ConfigError(f"eval.mode must be 'async' or 'inline', got {e.mode!r}")
+        if e.num_cpus < 0 or e.num_gpus < 0 or e.timeout_s < 0:
+            raise ConfigError(f"eval.num_cpus, eval.num_gpus and eval.timeout_s must be >= 0, got "
+                              f"{e.num_cpus}, {e.num_gpus}, {e.timeout_s}")
         if e.split not in ("test", "validation"):
             raise ConfigError(f"eval.split must be 'test' or 'validation', got {e.split!r}")
         if e.max_clips < 2 or e.probe_steps < 1:
             raise ConfigError(f"eval.max_clips must be >= 2 and eval.probe_steps >= 1, got {e.max_clips}, "
                               f"{e.probe_steps}")
+        if self.tracking.system_metrics and self.tracking.system_metrics_interval_s <= 0:
+            raise ConfigError("tracking.system_metrics_interval_s must be > 0, got "
+                              f"{self.tracking.system_metrics_interval_s}")
         if t.bilinear_lr < 0:
             raise ConfigError(f"train.bilinear_lr must be >= 0 (0 = train.lr), got {t.bilinear_lr}")
         if d.short_clips not in ("pad", "skip"):

@@ -49,6 +49,11 @@ def demo_config(workdir: str | Path, overrides: Sequence[str] = ()) -> Config:
         f"data.shards={workdir / 'shards'}",
         f"storage_path={workdir / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        # Online evaluation of the labelled demo task every 100 of the ~450 steps, as a Ray
+        # Train validation task beside the workers (half a core: the other half decodes).
+        "eval.every_steps=100",
+        f"eval.tasks={workdir / 'shards'}",
+        "eval.num_cpus=0.5",
         *overrides,
     ])
 
@@ -71,6 +76,9 @@ def run_demo(workdir: str | Path = "cola-demo", n_clips: int = 300, overrides: S
                         progress=os.isatty(1))
     echo(f"[3/4] Pre-training {cfg.model.encoder} with {cfg.train.num_workers} Ray workers")
     result = fit(cfg, echo=echo)
+    curve = online_curve(result.tracking_uri, result.mlflow_run_id)
+    if curve:
+        echo("    online evaluation (test accuracy by step): " + ", ".join(f"{s}: {a:.0%}" for s, a in curve))
     if probe_epochs > 0:
         echo("[4/4] Linear probe on the labelled demo task: random init vs pre-trained")
         scores = compare_probes(cfg, result.checkpoint, workdir, probe_epochs)
@@ -83,6 +91,17 @@ def run_demo(workdir: str | Path = "cola-demo", n_clips: int = 300, overrides: S
     echo(f"    mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000")
     echo("    then browse http://127.0.0.1:5000 (experiment 'cola-ray-demo')")
     return result
+
+
+def online_curve(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
+    """(step, accuracy) of the run's online evaluations, by step (the demo has one task)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("eval/") and k.endswith("/accuracy")]
+    if not keys:
+        return []
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, keys[0]))
 
 
 def compare_probes(cfg: Config, checkpoint: str, workdir: Path, epochs: int) -> dict:

@@ -16,7 +16,7 @@ pytest_plugins = ["helpers.fixtures_s3"]
 # The fast tier (``pytest -m "not slow"``) leaves out every test that starts Ray, a server
 # or a subprocess, or trains a model: by the fixtures it uses, by module, or by its own mark.
 SLOW_FIXTURES = {"ray_local", "mlflow_server", "moto_s3"}
-SLOW_MODULES = {"test_cli.py", "test_distributed.py"}  # the CLI as a subprocess; DDP process groups
+SLOW_MODULES = {"test_distributed.py"}  # DDP process groups (test_cli marks its subprocess tests)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,6 +44,10 @@ def test_demo_runs_end_to_end_and_pretraining_beats_random_init(tmp_path):
     # The contrastive task is being learnt: the loss falls from its first values to its last.
     first, last = [m.value for m in losses[:5]], [m.value for m in losses[-5:]]
     assert sum(last) / len(last) < sum(first) / len(first) - 0.3, (first, last)
+    # Online evaluation (a Ray Train validation task) scored the labelled task during the run.
+    evals = sorted(client.get_metric_history(run.info.run_id, "eval/shards/accuracy"), key=lambda m: m.step)
+    assert [m.step for m in evals][:3] == [100, 200, 300] and evals[-1].value >= 0.4, evals  # chance: 25%
+    assert "online evaluation (test accuracy by step): 100:" in done.stdout
     assert run.data.tags.get("cola_ray.encoder_uri", "").startswith("models:/")
     assert list((workdir / "runs").glob("*/checkpoint_*/model.safetensors"))
     # Both probes are runs of their own, tagged for the report.

@@ -94,6 +94,33 @@ def _clip_index(emb: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.unique(np.asarray(emb["clip"]), return_inverse=True)[1]
 
 
+POOLINGS = ("logits", "mean")
+"""How a clip's segments become one prediction: ``logits`` (the paper: train on random
+segments, average the layer's logits over a clip's segments) or ``mean`` (average the
+segments' embeddings into one per clip, train and predict on those)."""
+
+
+def pool(emb: Mapping[str, np.ndarray], pooling: str = "logits") -> dict[str, np.ndarray]:
+    """``emb`` as the probe sees it under ``pooling``: unchanged for ``logits``; for ``mean``,
+    one row per clip (N -> K): ``h`` the mean of its segments' (K, D), the other per-segment
+    fields those of its first segment (``segment`` 0), ``classes`` unchanged."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling == "logits":
+        return dict(emb)
+    clip = _clip_index(emb)
+    clips, first, inverse = np.unique(clip, return_index=True, return_inverse=True)
+    h = np.asarray(emb["h"], dtype=np.float64)
+    sums = np.zeros((clips.shape[0], h.shape[1]))
+    np.add.at(sums, inverse, h)
+    out = {k: (v if k == "classes" else np.asarray(v)[first]) for k, v in emb.items()}
+    out["h"] = (sums / np.bincount(inverse)[:, None]).astype(np.float32)
+    out["clip_index"] = clips
+    if "segment" in out:
+        out["segment"] = np.zeros_like(out["segment"])
+    return out
+
+
 # ---- training ----------------------------------------------------------------------------
 
 def train_probe(
@@ -380,6 +407,7 @@ def probe(
     batch_size: int = 64,
     seed: int = 0,
     standardize: bool = False,
+    pooling: str = "logits",
     baseline: str = "",
     experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str = "",
@@ -395,7 +423,8 @@ def probe(
     ``cola_ray.baseline`` (default: :func:`default_baseline`), which is what
     :func:`cola_ray.downstream.report.report` builds the table from. Logged: params, per-epoch
     curves, ``val_accuracy``, ``test_accuracy``, per-class accuracies, confusion matrices,
-    and the layer.
+    and the layer. ``standardize`` and ``pooling`` (:data:`POOLINGS`) are protocol options,
+    the same for every encoder; the defaults are the paper's.
     """
     from cola_ray.downstream import embed
     from cola_ray.train import tracking
@@ -403,7 +432,7 @@ def probe(
     baseline = check_baseline(baseline or default_baseline(encoder_ref))
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,
                              tracking_uri=tracking_uri, **dict(embed_options or {}))
-    emb = embed.load_embeddings(path)
+    emb = pool(embed.load_embeddings(path), pooling)
     meta = embed.read_meta(path) or {}
     name = meta.get("task") or embed.task_name(task)
     classes = [str(c) for c in emb["classes"]]
@@ -417,7 +446,8 @@ def probe(
     try:
         log_params(client, run_id, {
             "encoder": encoder_ref, "task": task, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
-            "batch_size": batch_size, "seed": seed, "standardize": standardize, **split_counts(emb),
+            "batch_size": batch_size, "seed": seed, "standardize": standardize, "pooling": pooling,
+            **split_counts(emb),
             **{k: meta.get(k) for k in ("segment_samples", "remainder", "dim")}, "classes": len(classes),
         })
         layer, history = train_probe(emb, lr=lr, weight_decay=weight_decay, epochs=epochs, standardize=standardize,

@@ -50,6 +50,7 @@ from cola_ray.downstream.probe import (
     log_metrics,
     log_params,
     open_tracking,
+    pool,
     run_tags,
     save_layer,
     split_counts,
@@ -90,6 +91,7 @@ def sweep(
     reduction_factor: float = 2,
     cpus_per_trial: float = 0.5,
     seed: int = 0,
+    pooling: str = "logits",
     baseline: str = "",
     experiment: str = DEFAULT_EXPERIMENT,
     tracking_uri: str = "",
@@ -116,7 +118,7 @@ def sweep(
     cluster.connect(ray_address)
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,
                              tracking_uri=tracking_uri, ray_address=ray_address, **dict(embed_options or {}))
-    emb = embed.load_embeddings(path)
+    emb = pool(embed.load_embeddings(path), pooling)  # probe.POOLINGS; the paper's by default
     counts = split_counts(emb)
     if not counts["validation_clips"]:
         raise ValueError(f"{task}: no labelled clip in the validation split; a sweep selects on validation")
@@ -146,7 +148,8 @@ def sweep(
             "encoder": encoder_ref, "task": task, "num_samples": num_samples, "max_concurrent": max_concurrent,
             "lr_range": list(lr_range), "weight_decay_choices": list(weight_decay_choices),
             "epoch_choices": list(epoch_choices), "batch_size": batch_size, "grace_period": grace_period,
-            "reduction_factor": reduction_factor, "seed": seed, "classes": len(classes), **counts,
+            "reduction_factor": reduction_factor, "seed": seed, "pooling": pooling, "classes": len(classes),
+            **counts,
         })
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, emb=trial_emb), {"cpu": cpus_per_trial}),

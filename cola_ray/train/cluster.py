@@ -132,6 +132,11 @@ def check_resources(cfg: Config) -> None:
         raise ResourceError(
             f"no node can host a decode task asking {_describe(decode)} "
             f"(data.decode_num_cpus / data.decode_resources); {where}")
+    evaluation = {k: float(v) for k, v in {"CPU": cfg.eval.num_cpus, "GPU": cfg.eval.num_gpus}.items() if v}
+    if cfg.eval.every_steps and cfg.eval.mode == "async" and not any(fits(evaluation, n) for n in nodes):
+        raise ResourceError(
+            f"no node can host the online-evaluation task asking {_describe(evaluation)} "
+            f"(eval.num_cpus / eval.num_gpus; eval.mode=inline needs none); {where}")
 
 
 def _autoscaler_node_types() -> list[dict[str, float]] | None:

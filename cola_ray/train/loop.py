@@ -8,7 +8,8 @@
     restore     Ray Train's checkpoint, or a newer complete one of this run   :func:`restore`
     each batch  step (skipped on every rank if any loss is not finite)       :class:`Stepper`
                 log every ``log_every_steps`` (world rank 0 writes MLflow)    :class:`StepLogger`
-                evaluate every ``eval.every_steps`` (rank 0)  :class:`cola_ray.train.online_eval.OnlineEval`
+                evaluate every ``eval.every_steps`` (async: a Ray Train validation task on the checkpoint;
+                  inline: rank 0)                                             :mod:`cola_ray.train.online_eval`
                 checkpoint every ``checkpoint_every_steps`` (``ray.train.report``, a barrier:
                 every rank calls it; rank 0 attaches the checkpoint)          :class:`Checkpointer`
     finish      the last window and checkpoint, the MLflow spool flushed, the encoder logged
@@ -46,7 +47,7 @@ from cola_ray.model import distributed
 from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                        check_resume, checkpoint_folders, load_checkpoint, read_state,
                                        save_checkpoint)
-from cola_ray.train.tracking import SpooledLogger, redact
+from cola_ray.train.tracking import SpooledLogger, redact, start_system_metrics, stop_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state, resumed = restore(w, run)
     stepper = Stepper(w)
     logger = StepLogger(w, run, resumed)
+    ctx = ray.train.get_context()  # one monitor per node (local rank 0): system/node_<rank>/...
+    system = start_system_metrics(run["tracking_uri"], run["mlflow_run_id"], cfg,
+                                  node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
     checkpointer = Checkpointer(w, logger.spool, state.step)
     clock = Clock(w, state)
-    evaluator = _evaluator(w)  # world rank 0 only, with eval.every_steps
+    evaluator = _evaluator(w)  # world rank 0 only, with eval.every_steps and eval.mode=inline
     done = ((cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps)
             or 0 < cfg.train.max_minutes * 60 <= state.train_seconds)  # restored: the same on every rank
 
@@ -103,12 +107,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % cfg.train.log_every_steps == 0:
                 logger.log(state, lr=w.optimizer.param_groups[0]["lr"])
                 done = clock.out_of_time() or done
-            # Evaluate: rank 0 probes eval.tasks with the encoder as it is (the others wait at their next collective).
-            if evaluator is not None and evaluator.due(state.step):
+            # Evaluate: inline, rank 0 probes eval.tasks now (the others wait at their next
+            # collective); async, this step's checkpoint goes to Ray Train's validation task.
+            evaluate = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+            if evaluate and evaluator is not None:
                 logger.log_eval(evaluator.run_safely(w.core.encoder), state.step)
-            # Checkpoint: every checkpoint_every_steps, and at the last step.
-            if state.step % cfg.train.checkpoint_every_steps == 0 or done:
-                checkpointer.save(state)
+            validate = evaluate and cfg.eval.mode == "async"
+            # Checkpoint: every checkpoint_every_steps, at the last step, and to be evaluated.
+            if state.step % cfg.train.checkpoint_every_steps == 0 or done or validate:
+                checkpointer.save(state, validate=validate)
             if done:
                 break
             t_ready = time.perf_counter()
@@ -125,6 +132,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # flushed, and the encoder logged once everything else is in the run.
     logger.log_rest(state)
     checkpointer.save_if_behind(state)
+    stop_system_metrics(system)  # its last records reach MLflow before the run is closed
     if logger.flush():
         logger.log_model(w.core)
 
@@ -243,8 +251,9 @@ class Clock:
 
 
 def _evaluator(w: "Setup") -> Any:
-    """:class:`cola_ray.train.online_eval.OnlineEval` on world rank 0 when ``eval.every_steps`` is set."""
-    if w.rank != 0 or not w.cfg.eval.every_steps:
+    """:class:`cola_ray.train.online_eval.OnlineEval` on world rank 0 with ``eval.every_steps``
+    and ``eval.mode=inline`` (async evaluation runs in Ray Train's validation tasks)."""
+    if w.rank != 0 or not w.cfg.eval.every_steps or w.cfg.eval.mode != "inline":
         return None
     from cola_ray.train.online_eval import OnlineEval
 
@@ -632,18 +641,20 @@ class Checkpointer:
         self.w, self.spool = w, spool
         self.last_step = step
 
-    def save(self, state: TrainState) -> None:
+    def save(self, state: TrainState, validate: bool = False) -> None:
+        """Checkpoint ``state``; with ``validate``, Ray Train evaluates it (``eval.mode=async``)."""
         w = self.w
         metrics = {"step": state.step, "epoch": state.epoch}
         name = f"checkpoint_{state.step:09d}"
         self.last_step = state.step
-        if w.rank != 0:
+        if w.rank != 0:  # validation goes with the checkpoint (Ray refuses it without one)
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
+        validation = ray.train.ValidationTaskConfig(fn_kwargs={"step": state.step}) if validate else False
         with tempfile.TemporaryDirectory(prefix="cola-ckpt-") as tmp:
             save_checkpoint(tmp, w.core, w.optimizer, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+                             checkpoint_dir_name=name, validation=validation)
             if self.spool is not None and w.cfg.tracking.log_checkpoints:
                 self.spool.log_artifacts(tmp, f"checkpoints/{name}")
 

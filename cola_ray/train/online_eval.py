@@ -3,21 +3,30 @@
 Pre-training's own loss and in-batch accuracy say whether the contrastive task is being
 learnt, not whether the representation is getting better for anything else (on real audio
 the two part ways: 79% in-batch accuracy, worse than log-mel features downstream). So,
-every ``eval.every_steps``, world rank 0 embeds a few hundred labelled clips of each task
-with the current encoder (inference mode, no gradient) and fits a fast probe::
+every ``eval.every_steps``, the encoder of that step embeds a few hundred labelled clips of
+each task and a fast probe scores it::
 
-    task shards --decoded_clips (rank 0, once)--> segments of every clip, kept in memory
-    every N steps: encoder(segments) -> mean over a clip's segments -> h (clips, D)
+    task shards --decoded_clips (once per process)--> segments of every clip, kept in memory
+    encoder(segments) -> mean over a clip's segments -> h (clips, D)
     standardised logistic regression on train (full-batch Adam) -> accuracy on eval.split
     -> MLflow "eval/<task>/accuracy" at that step
 
+Two ways to run it (``eval.mode``):
+
+- ``async`` (default): the step's checkpoint is reported with ``validation=`` and Ray
+  Train runs :func:`validate_checkpoint` on it as a Ray task with its own
+  ``eval.num_cpus``, while the workers train on; the task logs to the MLflow run itself.
+- ``inline``: world rank 0 runs :class:`OnlineEval` between two steps; the other ranks
+  wait at their next collective.
+
 The probe is not the paper's protocol (100 epochs of random segments, clip-level logits):
-it is a cheap monitor, seconds per task, whose trend follows the protocol's. The other ranks
-go on to their next collective and wait there meanwhile. Nothing here touches Ray.
+it is a cheap monitor, seconds per task, whose trend follows the protocol's. A failing
+evaluation is logged and counted (``eval/failures``), never raised into training.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -78,34 +87,55 @@ def load_task(url: str, cfg: Config) -> EvalTask:
 
 
 def check_tasks(cfg: Config) -> None:
-    """On the driver, before any worker starts: every ``eval.tasks`` folder holds shards and
-    a task.json whose splits include train and ``eval.split``; ``ValueError`` names the folder."""
-    import json
-
+    """On the driver, before any worker starts: every ``eval.tasks`` folder holds shards
+    with labelled clips in train and ``eval.split`` (task.json's counts, else the samples'
+    own json); ``ValueError`` names the folder."""
     from cola_ray.data import storage
 
     for url in (u.strip() for u in cfg.eval.tasks.split(",") if u.strip()):
         try:
             urls = shards.shard_urls(url, cfg.data.s3_endpoint_url, cfg.data.s3_region)
+        except (OSError, ValueError, shards.ShardError) as e:
+            raise ValueError(f"eval.tasks: {url} is not a folder of labelled shards "
+                             f"(cola-ray tasks prepare): {e}") from None
+        try:
             meta = json.loads(storage.read_bytes(f"{url.rstrip('/')}/task.json", cfg.data.s3_endpoint_url,
                                                  cfg.data.s3_region))
-        except (OSError, ValueError, shards.ShardError) as e:
-            raise ValueError(f"eval.tasks: {url} is not a task folder (cola-ray tasks prepare): {e}") from None
+        except (OSError, ValueError):
+            meta = None
         if not urls:
             raise ValueError(f"eval.tasks: {url} holds no shards")
-        if "splits" not in meta:  # tasks made by hand (the tests' synthetic ones) may not count them
-            continue
-        splits = {k for k, n in meta["splits"].items() if n}
+        if meta is None or "splits" not in meta:
+            # Labelled shards without the count (cola-ray shards build --labels, the demo's, the
+            # tests'): read samples' json members, no audio, until both splits show up.
+            splits = _splits_seen(urls, {"train", cfg.eval.split}, cfg)
+        else:
+            splits = {k for k, n in meta["splits"].items() if n}
         missing = {"train", cfg.eval.split} - splits
         if missing:
             raise ValueError(f"eval.tasks: {url} has no {' or '.join(sorted(missing))} "
                              f"split to evaluate on (its splits: {sorted(splits)})")
 
 
+def _splits_seen(urls: list[str], wanted: set[str], cfg: Config) -> set[str]:
+    """The splits of labelled samples in ``urls``, read until ``wanted`` are all seen."""
+    from cola_ray.data import storage
+
+    seen: set[str] = set()
+    for url in urls:
+        with storage.open_input(url, cfg.data.s3_endpoint_url, cfg.data.s3_region) as stream:
+            for item in shards.iter_samples(stream, url, suffixes=("json",)):
+                if isinstance(item, tuple) and "json" in item[1]:
+                    meta = json.loads(item[1]["json"])
+                    if meta.get("label", "") != "" and meta.get("split"):
+                        seen.add(str(meta["split"]))
+                if wanted <= seen:
+                    return seen
+    return seen
+
+
 def _task_name(url: str, cfg: Config) -> str:
     """task.json's name (``cola-ray tasks prepare``), else the folder's."""
-    import json
-
     from cola_ray.data import storage
 
     try:
@@ -180,13 +210,81 @@ class OnlineEval:
 
     def run(self, encoder: torch.nn.Module) -> dict[str, float]:
         """``{"eval/<task>/accuracy": ..., "eval/seconds": ...}`` for the encoder as it is now."""
-        t0, out = time.monotonic(), {}
-        for task in self.tasks:
-            h = clip_embeddings(encoder, task, self.device)
-            train = np.flatnonzero((task.split == "train") & (task.label >= 0))
-            test = np.flatnonzero(task.split == self.cfg.eval.split)
-            y = np.where(task.label >= 0, task.label, len(task.classes))  # unknown: never predicted
-            out[f"eval/{task.name}/accuracy"] = probe_accuracy(h, y, train, test, len(task.classes),
-                                                               self.cfg.eval.probe_steps, self.cfg.train.seed)
-        out["eval/seconds"] = time.monotonic() - t0
-        return out
+        return evaluate(self.tasks, encoder, self.cfg, self.device)
+
+
+def evaluate(tasks: list[EvalTask], encoder: torch.nn.Module, cfg: Config, device: torch.device) -> dict[str, float]:
+    """``{"eval/<task>/accuracy": ..., "eval/seconds": ...}`` of ``encoder`` on ``tasks``."""
+    t0, out = time.monotonic(), {}
+    for task in tasks:
+        h = clip_embeddings(encoder, task, device)
+        train = np.flatnonzero((task.split == "train") & (task.label >= 0))
+        test = np.flatnonzero(task.split == cfg.eval.split)
+        y = np.where(task.label >= 0, task.label, len(task.classes))  # unknown: never predicted
+        out[f"eval/{task.name}/accuracy"] = probe_accuracy(h, y, train, test, len(task.classes),
+                                                           cfg.eval.probe_steps, cfg.train.seed)
+    out["eval/seconds"] = time.monotonic() - t0
+    return out
+
+
+# ---- async: Ray Train's validation task ---------------------------------------------------
+
+_LOADED: dict[tuple, list[EvalTask]] = {}
+"""Tasks decoded by this process, by what decides their content: Ray reuses a worker
+process for the next validation task, which then skips the decode."""
+
+
+def validate_checkpoint(checkpoint: Any, *, step: int, config: dict[str, Any], run: dict[str, str]) -> dict[str, float]:
+    """Ray Train's validation function (``eval.mode=async``, ``ray.train.ValidationConfig``):
+    the encoder of ``checkpoint`` (a ``ray.train.Checkpoint`` of ``step``) scored on
+    ``eval.tasks``; the metrics go to the MLflow run ``run["mlflow_run_id"]`` at ``step`` and
+    back to Ray Train (the checkpoint's validation metrics). Never raises: a failure is
+    logged, counted in ``eval/failures`` (the run's count so far + 1) and returned."""
+    from cola_ray.train.checkpoint import load_encoder
+
+    cfg = Config.from_dict(config)
+    torch.set_num_threads(max(1, int(cfg.eval.num_cpus)))  # the CPUs Ray gave this task, not the node's
+    device = torch.device("cuda" if cfg.eval.num_gpus and torch.cuda.is_available() else "cpu")
+    client = _client(run)
+    try:
+        e, d = cfg.eval, cfg.data
+        key = (e.tasks, e.split, e.max_clips, d.sample_rate, d.segment_samples)
+        if key not in _LOADED:
+            _LOADED[key] = [load_task(url.strip(), cfg) for url in e.tasks.split(",") if url.strip()]
+        with checkpoint.as_directory() as folder:
+            encoder = load_encoder(folder).to(device)
+        metrics = evaluate(_LOADED[key], encoder, cfg, device)
+        metrics["eval/failures"] = _failures_so_far(client, run)
+        log.info("step %d: online evaluation %s", step, ", ".join(
+            f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.endswith("/accuracy")))
+    except Exception as err:  # noqa: BLE001 - a monitor must not stop days of training
+        metrics = {"eval/failures": _failures_so_far(client, run) + 1}
+        log.warning("online evaluation of step %d failed (%d so far), training goes on: %s: %s", step,
+                    int(metrics["eval/failures"]), type(err).__name__, err)
+    if client is not None:
+        from mlflow.entities import Metric
+
+        try:
+            client.log_batch(run["mlflow_run_id"], metrics=[
+                Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()])
+        except Exception as err:  # noqa: BLE001 - the figures stay with the checkpoint in Ray Train
+            log.warning("online evaluation of step %d: MLflow did not take it: %s", step, err)
+    return metrics
+
+
+def _client(run: dict[str, str]) -> Any:
+    if not run.get("tracking_uri") or not run.get("mlflow_run_id"):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(run["tracking_uri"])
+
+
+def _failures_so_far(client: Any, run: dict[str, str]) -> float:
+    """The run's last ``eval/failures`` (0 if none or MLflow cannot say)."""
+    if client is None:
+        return 0.0
+    try:
+        return float(client.get_run(run["mlflow_run_id"]).data.metrics.get("eval/failures", 0.0))
+    except Exception:  # noqa: BLE001
+        return 0.0

@@ -3,7 +3,9 @@
 The driver creates the run before training starts, so it can print where the run is
 and so a resumed job (same run name) continues the same MLflow run. Workers never use
 MLflow's fluent global state for metrics: rank 0 holds a :class:`SpooledLogger` bound to
-the run id, which never blocks a step (see there). Nothing secret is logged: params are the config, which holds no credentials, and
+the run id, which never blocks a step (see there). System metrics (CPU, memory, network,
+GPUs) come from MLflow's monitor on local rank 0 of each node (:func:`start_system_metrics`).
+Nothing secret is logged: params are the config, which holds no credentials, and
 any URL in it has the password of its user-info part masked (:func:`redact`).
 """
 
@@ -199,6 +201,62 @@ class RunLogger:
         # start_run's context ends the run; the driver sets the final status.
         self.client.update_run(self.run_id, status="RUNNING")
         return info.model_uri
+
+
+# ---- system metrics: one monitor per node, on its local rank 0 ---------------------------
+
+SYSTEM_METRICS_NODE_TAG = "cola_ray.system_metrics.node_{}"
+"""Tag naming the host behind ``system/node_<rank>/...`` (node ranks are Ray Train's, per start)."""
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, cfg: Config, *, node_rank: int | None = None,
+                         local_rank: int = 0) -> Any:
+    """Start MLflow's system-metrics monitor for this node in the run; return it, or ``None``.
+
+    With ``tracking.system_metrics`` on and ``local_rank`` 0 (one monitor per node), a
+    background thread samples CPU, memory, disk and network (psutil) and, where
+    ``nvidia-ml-py`` is installed (``cola-ray[gpu]``) and NVML finds GPUs, every GPU of the
+    node (utilisation, memory, power), every ``tracking.system_metrics_interval_s``, into
+    ``system/node_<node_rank>/<name>`` (``system/<name>`` when ``node_rank`` is None), e.g.
+    ``system/node_0/cpu_utilization_percentage``. Its steps are sample counts, continued
+    across restarts of the run. The monitor stops itself when the run is no longer RUNNING
+    or MLflow fails to answer; a monitor that cannot start is a warning, never a failed run.
+    Stop it with :func:`stop_system_metrics`.
+    """
+    import importlib.util
+    import logging
+
+    log = logging.getLogger(__name__)
+    if not cfg.tracking.system_metrics or local_rank != 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:  # psutil missing: a dependency of cola-ray, but not of MLflow
+        log.warning("MLflow system metrics are off: %s (pip install psutil)", e)
+        return None
+    if cfg.train.use_gpu and importlib.util.find_spec("pynvml") is None:  # nvidia-ml-py: MLflow's GPU monitor
+        log.warning("MLflow system metrics: no GPU metrics without nvidia-ml-py (pip install 'cola-ray[gpu]')")
+    node_id = None if node_rank is None else f"node_{node_rank}"
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
+                                       resume_logging=True, node_id=node_id, tracking_uri=tracking_uri)
+        if node_id is not None:
+            import socket
+
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).set_tag(run_id, SYSTEM_METRICS_NODE_TAG.format(node_rank), socket.gethostname())
+        monitor.start()
+    except Exception as e:  # the server went away since the driver created the run
+        log.warning("MLflow system metrics are off for this node: %s", _short(e))
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Deliver what ``monitor`` has recorded and stop its thread (``None``: nothing to do)."""
+    if monitor is not None:
+        monitor.finish()  # logs its own errors; never raises
 
 
 # ---- rank 0's logger during training: never blocks a step -------------------------------

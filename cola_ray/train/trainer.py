@@ -102,6 +102,27 @@ def _torch_trainer(plan: RunPlan, run: dict[str, Any], datasets: dict[str, Any])
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
+        validation_config=_validation_config(cfg, run),
+    )
+
+
+def _validation_config(cfg: Config, run: dict[str, Any]) -> ray.train.ValidationConfig | None:
+    """With ``eval.mode=async``: Ray Train runs online evaluation on the checkpoints the
+    workers report with ``validation=`` (:meth:`cola_ray.train.loop.Checkpointer.save`), as
+    Ray tasks on ``eval.num_cpus`` / ``eval.num_gpus``, one at a time, while training goes on."""
+    if not cfg.eval.every_steps or cfg.eval.mode != "async":
+        return None
+    from cola_ray.train.online_eval import validate_checkpoint
+
+    return ray.train.ValidationConfig(
+        fn=validate_checkpoint,
+        task_config=ray.train.ValidationTaskConfig(
+            # Only the per-report kwargs ({"step"}) are saved in the run's state; these stay in memory.
+            fn_kwargs={"config": tracking.redact_tree(cfg.to_dict()),
+                       "run": {"tracking_uri": run["tracking_uri"], "mlflow_run_id": run["mlflow_run_id"]}},
+            timeout_s=cfg.eval.timeout_s or None),
+        # No retries: a failed evaluation is counted, and the next checkpoint's comes soon.
+        ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus, "num_gpus": cfg.eval.num_gpus, "max_retries": 0},
     )
 
 

@@ -269,6 +269,9 @@ def test_csv_task(tmp_path):
     assert by_folder == by_file
     assert splits_of(by_file) == {"clips/0.wav": "train", "clips/1.wav": "train", "clips/2.wav": "validation",
                                   "clips/3.wav": "test", "clips/4.wav": "train", "clips/5.wav": "train"}
+    # A generic layout names no dataset: the task is called after its output folder.
+    info = tasks.prepare_task("csv", tmp_path / "labels.csv", tmp_path / "out" / "my-birds", progress=False)
+    assert info["task"] == "my-birds"
 
 
 # ---- end to end ------------------------------------------------------------------------

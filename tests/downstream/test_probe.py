@@ -164,3 +164,20 @@ def test_standardized_probe_takes_raw_embeddings_and_copes_with_badly_scaled_dim
     mean, sd = torch.randn(h.shape[1]), torch.rand(h.shape[1]) + 0.5
     x = torch.randn(5, h.shape[1])
     torch.testing.assert_close(_fold(layer, mean, sd)(x), layer((x - mean) / sd))
+
+
+def test_mean_pooling_gives_one_row_per_clip_the_mean_of_its_segments():
+    from cola_ray.downstream.probe import pool
+
+    emb = hand_example()
+    pooled = pool(emb, "mean")
+    assert list(pooled["clip"]) == ["c0", "c1", "c2", "c3"] and list(pooled["clip_index"]) == [0, 1, 2, 3]
+    np.testing.assert_allclose(pooled["h"][0], np.mean(emb["h"][:3], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(pooled["h"][2], np.mean(emb["h"][4:6], axis=0), rtol=1e-6)
+    assert list(pooled["label_index"]) == [0, 1, 2, 0] and list(pooled["split"]) == ["test"] * 3 + ["train"]
+    # Pooled embeddings, identity layer: c0's mean is (3.3, 2.7, 0) -> class a, where averaged
+    # logits say the same; c2's mean (0.5, 0, 0.25) -> a, wrong (its label is c).
+    assert evaluate(identity_layer(3), pooled, "test")["accuracy"] == pytest.approx(2 / 3)
+    assert pool(emb, "logits").keys() == emb.keys()
+    with pytest.raises(ValueError, match="pooling"):
+        pool(emb, "max")

@@ -109,7 +109,8 @@ def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray
             "augment.gain_db=6", "augment.mix_prob=0.5", "augment.noise_prob=0.5", "augment.time_shift=0.1",
             "augment.freq_mask=8", "augment.time_mask=10", "features.normalize=running",
             "model.bilinear_scale=sqrt", "train.bilinear_lr=0.01", "train.warmup_steps=5",
-            "eval.every_steps=8", f"eval.tasks={task / 'shards'}", "eval.probe_steps=50"]
+            "eval.every_steps=8", f"eval.tasks={task / 'shards'}", "eval.probe_steps=50",
+            "tracking.system_metrics_interval_s=0.5"]
     first = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
     state = read_state(first.checkpoint)
     steps_per_epoch = 64 // 16
@@ -120,6 +121,9 @@ def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray
     evals = MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "eval/toy-online/accuracy")
     assert sorted(m.step for m in evals) == list(range(8, state.step + 1, 8))
     assert all(0.0 <= m.value <= 1.0 for m in evals)  # the probe's own figures: test_online_eval.py
+    # System metrics: one monitor on the node (local rank 0), under system/node_0/.
+    logged = MlflowClient(mlflow_server).get_run(first.mlflow_run_id).data.metrics
+    assert "system/node_0/cpu_utilization_percentage" in logged and "system/node_0/system_memory_usage_megabytes" in logged
 
     again = fit(tiny(tmp_path, corpus_shards, mlflow_server, *opts), echo=lambda *_: None)
     assert again.resumed

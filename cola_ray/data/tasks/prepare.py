@@ -73,7 +73,9 @@ def prepare_task(
     splits = {s: sum(c[s] for c in counts.values()) for s in SPLITS}
     info = {
         "format": TASK_FORMAT,
-        "task": task.name,
+        # The generic layouts name no dataset: the task is called after its folder
+        # (tables and MLflow tags would otherwise call every such task "csv").
+        "task": task.name if task.name not in ("csv", "folder") else _folder_name(out),
         "paper_classes": task.paper_classes,
         "seed": seed,
         "classes": [{"index": i, "label": label, **c} for i, (label, c) in enumerate(counts.items())],
@@ -169,3 +171,8 @@ def synthetic_task(
     storage.write_bytes(storage.join(str(out), TASK_FILE), json.dumps(info, indent=1).encode("utf-8") + b"\n",
                         endpoint_url, region)
     return str(out)
+
+
+def _folder_name(url: str | Path) -> str:
+    """The last part of a folder path or ``s3://`` URL."""
+    return str(url).rstrip("/").rsplit("/", 1)[-1]
