@@ -86,6 +86,18 @@ def load_task(url: str, cfg: Config) -> EvalTask:
                     np.asarray([index.get(label, -1) for label in labels]), np.asarray(splits), classes)
 
 
+def load_tasks(cfg: Config) -> list[EvalTask]:
+    """Every ``eval.tasks`` folder, loaded; tasks that share a name (two made by one generic
+    adapter, say) are named after their folders instead, so no metric overwrites another."""
+    urls = [u.strip() for u in cfg.eval.tasks.split(",") if u.strip()]
+    tasks = [load_task(url, cfg) for url in urls]
+    names = [t.name for t in tasks]
+    for task, url in zip(tasks, urls):
+        if names.count(task.name) > 1:
+            task.name = url.rstrip("/").rsplit("/", 1)[-1]
+    return tasks
+
+
 def check_tasks(cfg: Config) -> None:
     """On the driver, before any worker starts: every ``eval.tasks`` folder holds shards
     with labelled clips in train and ``eval.split`` (task.json's counts, else the samples'
@@ -190,7 +202,7 @@ class OnlineEval:
         self.cfg, self.device = cfg, device
         self.failures = 0
         t0 = time.monotonic()
-        self.tasks = [load_task(url.strip(), cfg) for url in cfg.eval.tasks.split(",") if url.strip()]
+        self.tasks = load_tasks(cfg)
         log.info("online evaluation: %s loaded in %.1fs", ", ".join(
             f"{t.name} ({len(t.label)} clips, {len(t.classes)} classes)" for t in self.tasks), time.monotonic() - t0)
 
@@ -250,7 +262,7 @@ def validate_checkpoint(checkpoint: Any, *, step: int, config: dict[str, Any], r
         e, d = cfg.eval, cfg.data
         key = (e.tasks, e.split, e.max_clips, d.sample_rate, d.segment_samples)
         if key not in _LOADED:
-            _LOADED[key] = [load_task(url.strip(), cfg) for url in e.tasks.split(",") if url.strip()]
+            _LOADED[key] = load_tasks(cfg)
         with checkpoint.as_directory() as folder:
             encoder = load_encoder(folder).to(device)
         metrics = evaluate(_LOADED[key], encoder, cfg, device)

@@ -129,3 +129,14 @@ def test_labelled_shards_without_task_json_are_checked_by_their_samples(task, tm
     shards.build_shards(corpus, tmp_path / "train-only", labels_csv=corpus / "train-only.csv", max_samples=4)
     with pytest.raises(ValueError, match=f"{tmp_path / 'train-only'} has no test split"):
         check_tasks(load_config(None, ["eval.every_steps=10", f"eval.tasks={tmp_path / 'train-only'}"]))
+
+
+def test_tasks_that_share_a_name_are_named_after_their_folders(task, tmp_path):
+    import shutil
+
+    for folder in ("voices", "words"):
+        shutil.copytree(task / "shards", tmp_path / folder)  # both task.json say "toy-eval"
+    cfg = load_config(None, ["eval.every_steps=10", "eval.probe_steps=20",
+                             f"eval.tasks={tmp_path / 'voices'},{tmp_path / 'words'}"])
+    out = OnlineEval(cfg, torch.device("cpu")).run(LogMelStats(FeatureConfig()))
+    assert {"eval/voices/accuracy", "eval/words/accuracy"} <= set(out)
