@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cola-ray", description=plain_text(__doc__), epilog=EXIT_CODES,
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray Data's INFO logging on the console too (or COLA_RAY_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(parent: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -234,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
     from cola_ray.config import ConfigError
 
+    if args.verbose:  # read by cola_ray.console where Ray is initialised (this process and jobs)
+        import os
+
+        from cola_ray.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return _run(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ConnectionError) as e:

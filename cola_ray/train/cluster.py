@@ -42,6 +42,9 @@ def connect(address: str = "") -> None:
     target = ray_address(address)
     check_ray_address(target)
     ray.init(address=target)
+    from cola_ray.console import quiet_ray
+
+    quiet_ray()  # Ray Data's INFO chatter to its log file, not this console (unless COLA_RAY_VERBOSE)
 
 
 def _probe_tcp(url: str, what: str, default_port: int) -> None:
