@@ -44,6 +44,7 @@ from cola_ray.config import Config
 from cola_ray.data import storage
 from cola_ray.data.pipeline import check_budget, collision_rate
 from cola_ray.model import distributed
+from cola_ray.train import online_eval
 from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                        check_resume, checkpoint_folders, load_checkpoint, read_state,
                                        save_checkpoint)
@@ -109,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 done = clock.out_of_time() or done
             # Evaluate: inline, rank 0 probes eval.tasks now (the others wait at their next
             # collective); async, this step's checkpoint goes to Ray Train's validation task.
-            evaluate = bool(cfg.eval.every_steps) and state.step % cfg.eval.every_steps == 0
+            evaluate = online_eval.due(cfg, state.step)
             if evaluate and evaluator is not None:
                 logger.log_eval(evaluator.run_safely(w.core.encoder), state.step)
             validate = evaluate and cfg.eval.mode == "async"
@@ -255,9 +256,7 @@ def _evaluator(w: "Setup") -> Any:
     and ``eval.mode=inline`` (async evaluation runs in Ray Train's validation tasks)."""
     if w.rank != 0 or not w.cfg.eval.every_steps or w.cfg.eval.mode != "inline":
         return None
-    from cola_ray.train.online_eval import OnlineEval
-
-    return OnlineEval(w.cfg, w.device)
+    return online_eval.OnlineEval(w.cfg, w.device)
 
 
 # ---- restore --------------------------------------------------------------------------

@@ -86,15 +86,25 @@ def load_task(url: str, cfg: Config) -> EvalTask:
                     np.asarray([index.get(label, -1) for label in labels]), np.asarray(splits), classes)
 
 
+def task_urls(cfg: Config) -> list[str]:
+    """``eval.tasks``, comma-separated, as a list of folders."""
+    return [u.strip() for u in cfg.eval.tasks.split(",") if u.strip()]
+
+
+def due(cfg: Config, step: int) -> bool:
+    """Whether ``step`` is an evaluation step (``eval.every_steps``; 0 = never)."""
+    return bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0
+
+
 def load_tasks(cfg: Config) -> list[EvalTask]:
     """Every ``eval.tasks`` folder, loaded; tasks that share a name (two made by one generic
     adapter, say) are named after their folders instead, so no metric overwrites another."""
-    urls = [u.strip() for u in cfg.eval.tasks.split(",") if u.strip()]
+    urls = task_urls(cfg)
     tasks = [load_task(url, cfg) for url in urls]
     names = [t.name for t in tasks]
     for task, url in zip(tasks, urls):
         if names.count(task.name) > 1:
-            task.name = url.rstrip("/").rsplit("/", 1)[-1]
+            task.name = os.path.basename(url.rstrip("/"))  # as _task_name names a folder
     return tasks
 
 
@@ -104,7 +114,7 @@ def check_tasks(cfg: Config) -> None:
     own json); ``ValueError`` names the folder."""
     from cola_ray.data import storage
 
-    for url in (u.strip() for u in cfg.eval.tasks.split(",") if u.strip()):
+    for url in task_urls(cfg):
         try:
             urls = shards.shard_urls(url, cfg.data.s3_endpoint_url, cfg.data.s3_region)
         except (OSError, ValueError, shards.ShardError) as e:
@@ -207,7 +217,7 @@ class OnlineEval:
             f"{t.name} ({len(t.label)} clips, {len(t.classes)} classes)" for t in self.tasks), time.monotonic() - t0)
 
     def due(self, step: int) -> bool:
-        return bool(self.cfg.eval.every_steps) and step % self.cfg.eval.every_steps == 0
+        return due(self.cfg, step)
 
     def run_safely(self, encoder: torch.nn.Module) -> dict[str, float]:
         """:meth:`run`, but a failing evaluation is logged and counted (``eval/failures``),
