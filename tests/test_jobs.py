@@ -270,7 +270,7 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from helpers.factories import hand_made_checkpoint
+    from helpers.factories import finetuned_accuracy, hand_made_checkpoint, logged_probe_accuracy
 
     encoder = hand_made_checkpoint(tmp_path / "ckpt")
     db, report_dir = tmp_path / "mlflow.db", tmp_path / "report"
@@ -284,8 +284,6 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
         rows = {row["task"]: row for row in csv.DictReader(f)}
     columns = ["random init", "supervised", "COLA frozen", "COLA fine-tuned"]
     assert set(rows) == {"synthetic", "Average"}
-    for column in columns:
-        assert 0.0 <= float(rows["synthetic"][column]) <= 100.0
     assert (report_dir / "report.md").read_text().splitlines()[0] == "| task | " + " | ".join(columns) + " |"
 
     mlflow = MlflowClient(f"sqlite:///{db}")
@@ -297,6 +295,22 @@ def test_ray_job_submit_downstream_suite(ray_head, tmp_path):
     sweeps = {r.data.tags["cola_ray.baseline"]: r.data.tags.get("cola_ray.downstream.sweep", "probe") for r in parents}
     assert sweeps == {"random init": "probe", "COLA frozen": "probe", "supervised": "finetune",
                       "COLA fine-tuned": "finetune"}
+    # Each cell of the table is its sweep's test accuracy in percent, and that accuracy is what
+    # the sweep saved gives on the task's 16 test clips (120 clips, 4 classes, 4 test clips
+    # each), recomputed here: the probe layer on the cached embeddings, the fine-tuned model
+    # (the selected run's Ray Train checkpoint) on the task's shards.
+    for parent in parents:
+        column, accuracy = parent.data.tags["cola_ray.baseline"], parent.data.metrics["test_accuracy"]
+        assert float(rows["synthetic"][column]) == pytest.approx(100 * accuracy, abs=0.005), column
+        if sweeps[column] == "probe":
+            assert parent.data.metrics["test_clips"] == 16, column
+            assert logged_probe_accuracy(mlflow, parent.info.run_id) == pytest.approx(accuracy), column
+        else:
+            selected = mlflow.get_run(parent.data.tags["cola_ray.selected_run_id"])
+            assert selected.data.metrics["test_clips"] == 16, column
+            run_dir = tmp_path / "runs" / "finetune" / selected.info.run_name  # Ray Train's, num_to_keep=1
+            (saved,) = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+            assert finetuned_accuracy(saved, tmp_path / "runs" / "_synthetic" / "task") == pytest.approx(accuracy), column
     assert mlflow.search_runs([exp.experiment_id], "tags.`cola_ray.kind` = 'report'")
 
     # Resubmitted, the suite finds every cell finished and runs none again.

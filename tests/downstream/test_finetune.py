@@ -1,8 +1,11 @@
 """End-to-end fine-tuning on a real local Ray: Ray Data crops -> TorchTrainer -> MLflow -> report.
 
-One tiny labelled task (32 synthetic clips of 1.5 s, 3 classes); a hand-made COLA
-checkpoint is fine-tuned ("COLA fine-tuned") and a timm name is trained from scratch
-("supervised"); the report table gets both columns.
+The data path is checked on a tiny labelled task (32 synthetic clips of 1.5 s, 3 classes).
+Training runs on a task any working path learns (:func:`helpers.factories.tone_task`: 4
+classes that differ only in frequency, 48 / 12 / 20 clips): a hand-made COLA checkpoint
+is fine-tuned ("COLA fine-tuned") and a timm name is trained from scratch ("supervised");
+each must end far above chance, its reported test accuracy must be what its saved model
+gives on test, and the report table gets both columns.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ from cola_ray.downstream.embed import split_segments
 from cola_ray.downstream.finetune import (build_encoder, decode_and_crop_labelled, default_baseline, encode_split, finetune,
                                train_labels)
 from cola_ray.downstream.report import report
-from helpers.factories import labelled_task
+from helpers.factories import TONE_BANDS, finetuned_accuracy, labelled_task, tone_task
 from helpers.services import run_in_session
 
 CLASSES = ["noise", "tones", "chirps"]  # task.json order, deliberately not sorted
 EXPERIMENT = "test-finetune"
+TONES = list(TONE_BANDS)  # the tone task's classes, task.json order (not sorted)
+# Learning bar on the tone task's 20 test clips (5 per class): chance is 1/4 (a constant or
+# label-blind model gets 5/20 = 0.25); a uniform guesser reaches 15/20 with probability
+# 3.8e-6. Every run here so far scored 1.0 on test (>= 0.92 on validation).
+LEARNED = 0.75
+TRAIN = {"epochs": 4, "batch_size": 4, "lr": 3e-3}  # 12 steps per epoch over the 48 train clips
 DATA = {"classes": CLASSES, "sample_rate": 16000, "segment_samples": 15600, "remainder": "end",
         "endpoint_url": "", "region": ""}
 
@@ -92,83 +101,99 @@ def test_evaluation_segments_are_the_probe_grid(task):
 
 
 @pytest.fixture(scope="module")
-def tuned(ray_local, task, checkpoint, store):
-    return finetune(checkpoint, str(task / "shards"), epochs=2, batch_size=8, lr=1e-3, cpus_per_worker=1,
+def tones(tmp_path_factory):
+    return tone_task(tmp_path_factory.mktemp("tones"))
+
+
+@pytest.fixture(scope="module")
+def tuned(ray_local, tones, checkpoint, store):
+    return finetune(checkpoint, str(tones), **TRAIN, cpus_per_worker=1,
                     experiment=EXPERIMENT, tracking_uri=store["uri"], storage_path=store["runs"])
 
 
 @pytest.fixture(scope="module")
-def scratch(ray_local, task, store):
-    return finetune("random:test_efficientnet", str(task / "shards"), from_scratch=True, epochs=2, batch_size=8,
-                    lr=1e-3, select="last", cpus_per_worker=1, log_model=False,
+def scratch(ray_local, tones, store):
+    return finetune("random:test_efficientnet", str(tones), from_scratch=True, **TRAIN, select="last",
+                    cpus_per_worker=1, log_model=False,
                     experiment=EXPERIMENT, tracking_uri=store["uri"], storage_path=store["runs"])
 
 
 @pytest.mark.slow
-def test_finetune_logs_one_run_with_curves_and_test_once(tuned, store):
+def test_finetune_learns_and_logs_one_run_with_curves_and_test_once(tuned, tones, store):
     client = MlflowClient(store["uri"])
     run = client.get_run(tuned.run_id)
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     assert run.info.status == "FINISHED"
-    assert tags["cola_ray.task"] == "toy-ft" and tags["cola_ray.baseline"] == "COLA fine-tuned"
+    assert tags["cola_ray.task"] == "tones-by-band" and tags["cola_ray.baseline"] == "COLA fine-tuned"
     assert tags["cola_ray.kind"] == "finetune"
-    assert params["from_scratch"] == "False" and params["classes"] == "3" and params["epochs"] == "2"
+    assert params["from_scratch"] == "False" and params["classes"] == "4" and params["epochs"] == "4"
     for key in ("train_loss", "epoch_val_accuracy"):
         history = client.get_metric_history(tuned.run_id, key)
-        assert sorted(m.step for m in history) == [1, 2] and all(np.isfinite(m.value) for m in history)
-    assert [h["epoch"] for h in tuned.history] == [1, 2]
-    # Test is evaluated once, with the best validation epoch's weights.
+        assert sorted(m.step for m in history) == [1, 2, 3, 4] and all(np.isfinite(m.value) for m in history)
+    assert [h["epoch"] for h in tuned.history] == [1, 2, 3, 4]
+    # It learned: the train loss fell from the first epoch to the last, and test is far above chance.
+    assert tuned.history[-1]["train_loss"] < tuned.history[0]["train_loss"]
+    assert tuned.test_accuracy >= LEARNED, tuned.history
+    # Test is evaluated once, with the best validation epoch's weights: the saved ones,
+    # which give the reported accuracies when evaluated again here.
     assert len(client.get_metric_history(tuned.run_id, "test_accuracy")) == 1
-    assert metrics["test_accuracy"] == pytest.approx(tuned.test_accuracy) and 0.0 <= tuned.test_accuracy <= 1.0
+    assert metrics["test_accuracy"] == pytest.approx(tuned.test_accuracy)
+    assert finetuned_accuracy(tuned.checkpoint, tones, "test") == pytest.approx(tuned.test_accuracy)
+    assert finetuned_accuracy(tuned.checkpoint, tones, "validation") == pytest.approx(tuned.val_accuracy)
     assert metrics["val_accuracy"] == pytest.approx(tuned.val_accuracy)
-    assert tuned.selected_epoch in (1, 2)
+    assert tuned.selected_epoch in (1, 2, 3, 4)
     best = max(tuned.history, key=lambda h: h["epoch_val_accuracy"])  # max: the earliest on ties
     assert tuned.selected_epoch == best["epoch"]
     assert tuned.val_accuracy == pytest.approx(best["epoch_val_accuracy"])
-    assert metrics["test_clips"] > 0 and metrics["val_clips"] > 0
+    assert metrics["test_clips"] == 20 and metrics["val_clips"] == 12
     assert "evaluation/confusion_test.csv" in {a.path for a in client.list_artifacts(tuned.run_id, "evaluation")}
     assert {a.path for a in client.list_artifacts(tuned.run_id, "finetuned")} == {
         "finetuned/model.safetensors", "finetuned/finetune.json"}
     meta = json.loads(open(f"{tuned.checkpoint}/finetune.json").read())
-    assert meta["classes"] == CLASSES and meta["epoch"] == tuned.selected_epoch
+    assert meta["classes"] == TONES and meta["epoch"] == tuned.selected_epoch
 
 
 @pytest.mark.slow
-def test_supervised_baseline_and_report_columns(tuned, scratch, store, tmp_path):
+def test_supervised_baseline_learns_and_fills_its_report_column(tuned, scratch, tones, store, tmp_path):
     client = MlflowClient(store["uri"])
     run = client.get_run(scratch.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["cola_ray.baseline"] == "supervised" and run.data.params["from_scratch"] == "True"
-    assert scratch.selected_epoch == 2  # select="last"
+    assert scratch.selected_epoch == 4  # select="last"
+    # Random weights, trained here: it learns the task too, and the last epoch's saved
+    # weights give the reported test accuracy.
+    assert scratch.test_accuracy >= LEARNED, scratch.history
     assert run.data.metrics["test_accuracy"] == pytest.approx(scratch.test_accuracy)
+    assert finetuned_accuracy(scratch.checkpoint, tones, "test") == pytest.approx(scratch.test_accuracy)
 
     r = report(EXPERIMENT, tmp_path / "report", tracking_uri=store["uri"])
-    assert r.tasks == ["toy-ft"]
+    assert r.tasks == ["tones-by-band"]
     assert r.baselines == ["supervised", "COLA fine-tuned"]  # the paper's column order
-    assert r.cells["toy-ft", "COLA fine-tuned"].accuracy == pytest.approx(100 * tuned.test_accuracy)
-    assert r.cells["toy-ft", "supervised"].accuracy == pytest.approx(100 * scratch.test_accuracy)
-    assert r.cells["toy-ft", "supervised"].kind == "finetune"
+    assert r.cells["tones-by-band", "COLA fine-tuned"].accuracy == pytest.approx(100 * tuned.test_accuracy)
+    assert r.cells["tones-by-band", "supervised"].accuracy == pytest.approx(100 * scratch.test_accuracy)
+    assert r.cells["tones-by-band", "supervised"].kind == "finetune"
 
 
 @pytest.mark.slow
-def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, store, tmp_path):
+def test_finetune_sweep_learns_selects_on_validation_and_tests_once(tones, checkpoint, store, tmp_path):
     """Run in a Ray of its own (a subprocess): in Ray 2.60 the trainers of finished Tune trials
     keep their workers' CPUs reserved until the driver exits (see the README), which would
-    starve the tests after this one on the session's Ray."""
+    starve the tests after this one on the session's Ray. Every trial trains its full 3
+    epochs (grace period = budget: no early stop), so the retrained config learns too."""
     experiment = "test-finetune-sweep"
     script = (
         "import json, sys, ray\n"
         "from cola_ray.downstream.finetune_sweep import finetune_sweep\n"
         "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-        "r = finetune_sweep(*sys.argv[1:3], num_samples=2, max_concurrent=1, lr_range=(1e-4, 1e-2),\n"
-        "    weight_decay_choices=[0.0], epoch_choices=[1], grace_period=1, batch_size=8, cpus_per_worker=0.5,\n"
+        "r = finetune_sweep(*sys.argv[1:3], num_samples=2, max_concurrent=1, lr_range=(2e-3, 4e-3),\n"
+        "    weight_decay_choices=[0.0], epoch_choices=[3], grace_period=3, batch_size=4, cpus_per_worker=0.5,\n"
         "    log_model=False, experiment=sys.argv[3], tracking_uri=sys.argv[4], storage_path=sys.argv[5], verbose=0)\n"
         "print('RESULT', json.dumps({'run_id': r.run_id, 'best_trial_run_id': r.best_trial_run_id,\n"
         "    'best_config': r.best_config, 'test_accuracy': r.test_accuracy}))\n"
     )
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rft-", dir="/tmp")}
     try:  # whatever that Ray leaves (a finished trial's TrainController once outlived it): stopped by PID
-        done = run_in_session([sys.executable, "-c", script, checkpoint, str(task / "shards"), experiment,
+        done = run_in_session([sys.executable, "-c", script, checkpoint, str(tones), experiment,
                                store["uri"], str(tmp_path / "sweeps")], timeout=480, env=env, cwd=tmp_path)
     finally:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
@@ -189,7 +214,7 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
     scores = {}
     for r in trials:
         history = client.get_metric_history(r.info.run_id, "epoch_val_accuracy")
-        assert sorted(m.step for m in history) == [1]
+        assert sorted(m.step for m in history) == [1, 2, 3]
         assert not any(k.startswith("test") for k in r.data.metrics)
         scores[r.info.run_id] = max(m.value for m in history)
     assert result.best_trial_run_id in scores
@@ -203,4 +228,7 @@ def test_finetune_sweep_selects_on_validation_and_tests_once(task, checkpoint, s
     assert len(client.get_metric_history(selected.info.run_id, "test_accuracy")) == 1
     assert parent.data.metrics["test_accuracy"] == pytest.approx(selected.data.metrics["test_accuracy"])
     assert result.test_accuracy == pytest.approx(selected.data.metrics["test_accuracy"])
+    # ... and it learned the task (chance 1/4 on 20 test clips; see LEARNED).
+    assert selected.data.metrics["test_clips"] == 20
+    assert result.test_accuracy >= LEARNED, result
 

@@ -1,11 +1,13 @@
 """The HEAR 2021 API (cola_ray.downstream.hear) over an export of a tiny encoder.
 
-The first tests mirror hearvalidator's checks (its own run needs tensorflow; the last test
-runs it when it is installed, with a stand-in for tensorflow if that is missing).
+The first tests mirror hearvalidator's checks; the last ones run the real validator
+(``pip install --no-deps hearvalidator``: it declares tensorflow, which it only needs for
+TensorFlow models, so tests/helpers/stubs/tensorflow stands in for it when it is missing).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 
@@ -206,17 +208,54 @@ def test_gpu_model_and_tensors(export_dir):
 
 # ---- the real validator, when installed ---------------------------------------------------------
 
-def test_hearvalidator_accepts_the_module(export_dir, monkeypatch):
-    pytest.importorskip("hearvalidator", reason="pip install hearvalidator (it also wants tensorflow)")
+def hearvalidator(monkeypatch) -> types.ModuleType:
+    """``hearvalidator.validate``, imported afresh for one test and kept out of sys.modules;
+    with the tensorflow stand-in (tests/helpers/stubs/tensorflow) when tensorflow is missing."""
+    pytest.importorskip("hearvalidator", reason="pip install --no-deps hearvalidator==2021.0.2 (see pyproject.toml)")
     try:
         import tensorflow  # noqa: F401
     except ImportError:
-        # The validator imports tensorflow at the top but only uses tf.Module (an isinstance
-        # test) and tf.device (for tf models); a stand-in lets it check a torch model.
-        stub = types.ModuleType("tensorflow")
-        stub.Module = type("Module", (), {})
-        monkeypatch.setitem(sys.modules, "tensorflow", stub)
-        monkeypatch.delitem(sys.modules, "hearvalidator.validate", raising=False)
-    from hearvalidator.validate import ValidateModel
+        from helpers.stubs import tensorflow as stub
 
-    ValidateModel("cola_ray.downstream.hear", str(export_dir), device="cpu")()
+        monkeypatch.setitem(sys.modules, "tensorflow", stub)
+    spec = importlib.util.find_spec("hearvalidator.validate")
+    validate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate)
+    return validate
+
+
+def test_hearvalidator_accepts_the_module(export_dir, monkeypatch):
+    """The validator: load_model(path) gives a torch Module with an accepted int sample_rate
+    and int embedding sizes; 16 x 2 s of noise -> float32 (16, T, timestamp_embedding_size)
+    embeddings with (16, T) timestamps at regular intervals; 8 x 3.74 s -> float32
+    (8, scene_embedding_size) scene embeddings. Any failure raises its ModelError."""
+    validate = hearvalidator(monkeypatch)
+    checker = validate.ValidateModel("cola_ray.downstream.hear", str(export_dir), device="cpu")
+    checker()
+    assert checker.model_type == "torch"  # checked as a torch model, the stand-in's tf.Module never matches
+    assert checker.model.scene_embedding_size == hear.load_model(str(export_dir)).encoder.embedding_dim
+
+
+def _irregular_timestamps(audio, model):
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+    timestamps = timestamps.clone()
+    timestamps[:, -1] -= 5.0  # the last interval 45 ms, the others 50
+    return embeddings, timestamps
+
+
+@pytest.mark.parametrize("get_timestamp_embeddings, message", [
+    (lambda audio, model: (hear.get_timestamp_embeddings(audio, model)[0].double(),
+                           hear.get_timestamp_embeddings(audio, model)[1]), "Expected embeddings to be torch.float32"),
+    (_irregular_timestamps, "Timestamps should occur at regular intervals"),
+], ids=["float64-embeddings", "irregular-timestamps"])
+def test_hearvalidator_refuses_a_module_that_breaks_the_api(export_dir, monkeypatch, get_timestamp_embeddings,
+                                                             message):
+    """The validator run above can fail: the same module with one contract broken is refused."""
+    validate = hearvalidator(monkeypatch)
+    broken = types.ModuleType("broken_hear")
+    broken.load_model = hear.load_model
+    broken.get_scene_embeddings = hear.get_scene_embeddings
+    broken.get_timestamp_embeddings = get_timestamp_embeddings
+    monkeypatch.setitem(sys.modules, "broken_hear", broken)
+    with pytest.raises(validate.ModelError, match=message):
+        validate.ValidateModel("broken_hear", str(export_dir), device="cpu")()

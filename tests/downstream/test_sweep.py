@@ -1,7 +1,9 @@
 """Downstream end to end on a real local Ray: embed, probe, a Tune sweep, the report table.
 
 One tiny labelled task (40 synthetic clips of 1.5 s, 4 classes) is embedded once per
-encoder and shared by every test here through the embeddings cache.
+encoder and shared by every test here through the embeddings cache. A second sweep, of
+the log-mel features on a task whose classes differ only in frequency
+(:func:`helpers.factories.tone_task`), must learn it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from cola_ray.data.audio import decode_audio
 from cola_ray.config import ConfigError
 from cola_ray.downstream.embed import load_embeddings, read_meta, split_segments
 from cola_ray.downstream.encoders import resolve_encoder
-from cola_ray.downstream.probe import cached_embeddings, probe
+from cola_ray.downstream.probe import cached_embeddings, evaluate, probe, train_probe
 from cola_ray.downstream.report import report
 from cola_ray.downstream.sweep import sweep
 from cola_ray.downstream.sweep_config import load_sweep_config
-from helpers.factories import labelled_task
+from helpers.factories import labelled_task, logged_probe_accuracy, tone_task
 from helpers.paths import CONFIGS
 
 CLASSES = ["tones", "noise", "clicks", "chirps"]  # task.json order, deliberately not sorted
@@ -83,7 +85,14 @@ def test_sweep_selects_on_validation_and_reports_test_once(swept, store):
     assert tags["cola_ray.task"] == "toy-sounds" and tags["cola_ray.baseline"] == "random init"
     assert tags["cola_ray.kind"] == "sweep"
     assert metrics["test_accuracy"] == pytest.approx(swept.test_accuracy)
-    assert 0.0 <= swept.test_accuracy <= 1.0
+    assert metrics["test_clips"] == 8 and metrics["val_clips"] == 8
+    # The reported test accuracy is the logged layer's on the test clips of the embeddings ...
+    assert logged_probe_accuracy(client, swept.run_id, "test") == pytest.approx(swept.test_accuracy)
+    assert logged_probe_accuracy(client, swept.run_id, "validation") == pytest.approx(swept.val_accuracy)
+    # ... and that layer is the best config trained again: the same numbers once more.
+    emb = load_embeddings(swept.embeddings)
+    again, _ = train_probe(emb, **swept.best_config)
+    assert evaluate(again, emb, "test")["accuracy"] == pytest.approx(swept.test_accuracy)
 
     exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{swept.run_id}'")
@@ -108,6 +117,30 @@ def test_sweep_selects_on_validation_and_reports_test_once(swept, store):
     evaluation = {a.path for a in client.list_artifacts(swept.run_id, "evaluation")}
     assert "evaluation/confusion_test.csv" in evaluation
     assert {a.path for a in client.list_artifacts(swept.run_id, "probe")} == {"probe/probe.safetensors"}
+
+
+@pytest.mark.slow
+def test_probe_sweep_learns_a_task_of_tones(ray_local, store, tmp_path):
+    """Log-mel statistics + the probe sweep on 4 classes of tones in separate frequency bands.
+
+    20 test clips (5 per class): chance is 1/4 (a label-blind probe scores 5/20); a uniform
+    guesser reaches 15/20 with probability 3.8e-6. The sweep is deterministic (seeded trials,
+    fixed embeddings) and scores 1.0 here.
+    """
+    tones = tone_task(tmp_path / "tones")
+    experiment = "test-downstream-tones"
+    result = sweep("logmel", str(tones), num_samples=2, max_concurrent=2, lr_range=(1e-2, 1e-1),
+                   epoch_choices=(60,), grace_period=60, cpus_per_trial=0.5, experiment=experiment,
+                   tracking_uri=store["uri"], cache_dir=store["cache"], storage_path=store["runs"], verbose=0)
+    client = MlflowClient(store["uri"])
+    parent = client.get_run(result.run_id)
+    assert parent.data.tags["cola_ray.baseline"] == "log-mel" and parent.data.tags["cola_ray.task"] == "tones-by-band"
+    assert parent.data.metrics["test_clips"] == 20 and parent.data.metrics["val_clips"] == 12
+    assert result.test_accuracy >= 0.75, result
+    assert logged_probe_accuracy(client, result.run_id, "test") == pytest.approx(result.test_accuracy)
+    # Every trial learned as well (validation: 12 clips, chance 1/4; 9/12 by guessing: p = 3.9e-4;
+    # the two trials score 10/12 and 11/12).
+    assert all(t["val_accuracy"] >= 0.75 for t in result.trials), result.trials
 
 
 @pytest.mark.slow
