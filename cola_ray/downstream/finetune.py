@@ -386,7 +386,11 @@ def make_trainer(job: FinetuneJob, run: Mapping[str, str], *, name: str, storage
                                                resources_per_worker={"CPU": job.settings["cpus_per_worker"]}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_root(storage_path),
                                        callbacks=list(callbacks or []),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+                                       # One retry, from the start: a worker lost (or a health check
+                                       # missed as Ray shuts the group down under load) costs a rerun
+                                       # of a short job, not the run.
+                                       failure_config=ray.train.FailureConfig(max_failures=1)),
         datasets={"train": read_train_crops(job.urls, job.data, decode_num_cpus)},
     )
 
