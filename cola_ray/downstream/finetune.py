@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cola_ray import console
 from cola_ray.data import audio, pipeline, shards, storage
 from cola_ray.train import cluster
 from cola_ray.train.paths import storage_root
@@ -390,7 +391,8 @@ def make_trainer(job: FinetuneJob, run: Mapping[str, str], *, name: str, storage
                                        # One retry, from the start: a worker lost (or a health check
                                        # missed as Ray shuts the group down under load) costs a rerun
                                        # of a short job, not the run.
-                                       failure_config=ray.train.FailureConfig(max_failures=1)),
+                                       failure_config=ray.train.FailureConfig(max_failures=1),
+                                       logging_config=console.train_logging_config()),
         datasets={"train": read_train_crops(job.urls, job.data, decode_num_cpus)},
     )
 

@@ -42,9 +42,10 @@ def connect(address: str = "") -> None:
     target = ray_address(address)
     check_ray_address(target)
     ray.init(address=target)
-    from cola_ray.console import quiet_ray
+    from cola_ray.console import filter_worker_logs, quiet_ray
 
     quiet_ray()  # Ray Data's INFO chatter to its log file, not this console (unless COLA_RAY_VERBOSE)
+    filter_worker_logs()  # and the other processes' known-harmless lines (they stay in their files)
 
 
 def _probe_tcp(url: str, what: str, default_port: int) -> None:

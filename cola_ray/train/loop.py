@@ -44,7 +44,7 @@ from cola_ray.config import Config
 from cola_ray.data import storage
 from cola_ray.data.pipeline import check_budget, collision_rate
 from cola_ray.model import distributed
-from cola_ray.train import online_eval
+from cola_ray.train import online_eval, progress
 from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                        check_resume, checkpoint_folders, load_checkpoint, read_state,
                                        save_checkpoint)
@@ -474,6 +474,8 @@ class StepLogger:
                                  "cola_ray.ray_checkpoint_step": resumed.ray_step,
                                  "cola_ray.restored_world_size": w.world,
                                  "cola_ray.restored_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        # Rank 0's figures to the driver's progress line (fire and forget: never blocks a step).
+        self.board = run.get("progress") if w.rank == 0 else None
         self.window = _Window()
         self.collisions: list[float] = []  # same-clip pair rate of each local batch in the window
         self.quarantined: dict[str, str] = {}  # shard -> why, as last tagged on the MLflow run
@@ -505,6 +507,8 @@ class StepLogger:
             _fail_together(w.rank, snap, w.cfg, w.device)
         if self.spool is not None:
             self.spool.log_metrics(metrics, step=state.step)
+        progress.post(self.board, {**{k: metrics[k] for k in progress.FIELDS if k in metrics},
+                                   "step": state.step, "total_steps": w.cfg.train.max_steps})
 
     def log_eval(self, metrics: Mapping[str, float], step: int) -> None:
         """Rank 0's online-evaluation results at ``step``: to MLflow, and one line to the log."""
@@ -512,6 +516,7 @@ class StepLogger:
             f"{k.split('/')[1]} {v:.1%}" for k, v in metrics.items() if k.endswith("/accuracy")))
         if self.spool is not None:
             self.spool.log_metrics(dict(metrics), step=step)
+        progress.post(self.board, metrics, kind="eval")
 
     def log_rest(self, state: TrainState) -> None:
         """The steps since the last log line (the same count on every rank)."""

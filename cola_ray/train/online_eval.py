@@ -256,7 +256,7 @@ _LOADED: dict[tuple, list[EvalTask]] = {}
 process for the next validation task, which then skips the decode."""
 
 
-def validate_checkpoint(checkpoint: Any, *, step: int, config: dict[str, Any], run: dict[str, str]) -> dict[str, float]:
+def validate_checkpoint(checkpoint: Any, *, step: int, config: dict[str, Any], run: dict[str, Any]) -> dict[str, float]:
     """Ray Train's validation function (``eval.mode=async``, ``ray.train.ValidationConfig``):
     the encoder of ``checkpoint`` (a ``ray.train.Checkpoint`` of ``step``) scored on
     ``eval.tasks``; the metrics go to the MLflow run ``run["mlflow_run_id"]`` at ``step`` and
@@ -283,6 +283,9 @@ def validate_checkpoint(checkpoint: Any, *, step: int, config: dict[str, Any], r
         metrics = {"eval/failures": _failures_so_far(client, run) + 1}
         log.warning("online evaluation of step %d failed (%d so far), training goes on: %s: %s", step,
                     int(metrics["eval/failures"]), type(err).__name__, err)
+    from cola_ray.train import progress
+
+    progress.post(run.get("progress"), metrics, kind="eval")  # the driver's progress line
     if client is not None:
         from mlflow.entities import Metric
 

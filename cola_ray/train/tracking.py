@@ -17,6 +17,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -190,7 +191,10 @@ class RunLogger:
         # Both axes free: any batch of waveforms of any length (at least one window).
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, out.shape[1]))]))
-        with mlflow.start_run(run_id=self.run_id):
+        with mlflow.start_run(run_id=self.run_id), warnings.catch_warnings():
+            # MLflow reloads the exported program from a read-only buffer to check it; torch
+            # warns about that buffer's writability, which that check never relies on.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
             info = mlflow.pytorch.log_model(
                 encoder,
                 name="encoder",
@@ -237,6 +241,10 @@ def start_system_metrics(tracking_uri: str, run_id: str, cfg: Config, *, node_ra
     if cfg.train.use_gpu and importlib.util.find_spec("pynvml") is None:  # nvidia-ml-py: MLflow's GPU monitor
         log.warning("MLflow system metrics: no GPU metrics without nvidia-ml-py (pip install 'cola-ray[gpu]')")
     node_id = None if node_rank is None else f"node_{node_rank}"
+    from cola_ray.console import verbose_requested
+
+    if not verbose_requested():  # its start / stop INFO lines on every node's console
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_interval_s,
                                        resume_logging=True, node_id=node_id, tracking_uri=tracking_uri)

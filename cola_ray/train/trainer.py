@@ -21,9 +21,10 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cola_ray import console
 from cola_ray.config import Config
 from cola_ray.data.pipeline import SampleCounter, read_pairs
-from cola_ray.train import tracking
+from cola_ray.train import progress, tracking
 from cola_ray.train.loop import train_loop_per_worker
 from cola_ray.train.preflight import RunPlan, preflight
 
@@ -56,11 +57,14 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, paths.name, tags={"cola_ray.run_dir": paths.run_dir})
     echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")
     echo(f"Checkpoints: {paths.run_dir}" + ("  (resuming)" if resumed else ""))
-    run = {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter, **paths.worker_fields()}
+    board = progress.start_board()  # rank 0's figures, for the live line below
+    run = {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter, "progress": board,
+           **paths.worker_fields()}
     trainer = _torch_trainer(plan, run, datasets)
     status = "FAILED"
     try:
-        result = trainer.fit()
+        with progress.ProgressPrinter(board, time_budget_s=cfg.train.max_minutes * 60):
+            result = trainer.fit()
         status = "FINISHED"
     finally:
         try:
@@ -100,6 +104,7 @@ def _torch_trainer(plan: RunPlan, run: dict[str, Any], datasets: dict[str, Any])
             storage_filesystem=paths.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=console.train_logging_config(),
         ),
         datasets=datasets,
         validation_config=_validation_config(cfg, run),
@@ -119,7 +124,8 @@ def _validation_config(cfg: Config, run: dict[str, Any]) -> ray.train.Validation
         task_config=ray.train.ValidationTaskConfig(
             # Only the per-report kwargs ({"step"}) are saved in the run's state; these stay in memory.
             fn_kwargs={"config": tracking.redact_tree(cfg.to_dict()),
-                       "run": {"tracking_uri": run["tracking_uri"], "mlflow_run_id": run["mlflow_run_id"]}},
+                       "run": {"tracking_uri": run["tracking_uri"], "mlflow_run_id": run["mlflow_run_id"],
+                    "progress": run.get("progress")}},
             timeout_s=cfg.eval.timeout_s or None),
         # No retries: a failed evaluation is counted, and the next checkpoint's comes soon.
         ray_remote_kwargs={"num_cpus": cfg.eval.num_cpus, "num_gpus": cfg.eval.num_gpus, "max_retries": 0},

@@ -143,6 +143,43 @@ def run_in_session(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.Co
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_in_pty(cmd: list[str], *, timeout: float, **kwargs) -> tuple[int, str]:
+    """Run ``cmd`` with stdout and stderr on a pseudo-terminal (as in a person's terminal)
+    in a new session; return ``(exit code, everything it wrote)``. Whatever happens, every
+    process left in its session is killed by PID (as :func:`run_in_session`)."""
+    import os
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            start_new_session=True, **kwargs)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                stop_process_group(proc, grace=5.0)
+                raise subprocess.TimeoutExpired(cmd, timeout, output=b"".join(chunks).decode(errors="replace"))
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(master)
+        kill_session(proc.pid)
+
+
 def start_mlflow_server(root: Path, artifacts: str, env: dict[str, str] | None = None,
                         timeout: float = 90, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real ``mlflow server`` on 127.0.0.1: sqlite store and log in ``root``, served artifacts
