@@ -184,6 +184,9 @@ class TrainConfig:
     grad_clip: float = 0.0
     seed: int = 0
     log_every_steps: int = 10
+    progress_every_s: float = 30.0
+    """Without a terminal (job logs, CI, a file), the driver's progress line is printed at
+    most this often (0: at every log step); on a terminal it is rewritten at every log step."""
     checkpoint_every_steps: int = 500
     keep_checkpoints: int = 3
     max_failures: int = 3
@@ -444,6 +447,8 @@ class Config:
             )
         if t.step_timeout_s < 0:
             raise ConfigError(f"train.step_timeout_s must be >= 0 (0 = off), got {t.step_timeout_s}")
+        if t.progress_every_s < 0:
+            raise ConfigError(f"train.progress_every_s must be >= 0 (0 = every log step), got {t.progress_every_s}")
         if t.checkpoint_every_steps < 1 or t.log_every_steps < 1:
             raise ConfigError("train.checkpoint_every_steps and train.log_every_steps must be >= 1")
         return self

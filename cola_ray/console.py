@@ -70,6 +70,8 @@ def quiet_ray(verbose: bool = False) -> dict[str, int]:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
                     and type(handler).__name__ != "SessionFileHandler":
                 handler.setLevel(max(handler.level, logging.WARNING))
+                if not any(isinstance(f, _HarmlessFilter) for f in handler.filters):
+                    handler.addFilter(_HarmlessFilter())  # e.g. "Progress bars disabled" (a warning)
                 changed[name] = handler.level
     return changed
 
@@ -86,6 +88,13 @@ def train_logging_config(verbose: bool = False) -> Any:
 def harmless(line: str) -> bool:
     """Whether ``line`` matches one of :data:`HARMLESS`."""
     return any(p.search(line) for p in HARMLESS)
+
+
+class _HarmlessFilter(logging.Filter):
+    """Drops records whose message matches :data:`HARMLESS` (console handlers only)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not harmless(record.getMessage())
 
 
 _FILTER_NAME = "ray_print_logs"  # the handler ray.init(log_to_driver=True) registers

@@ -66,7 +66,8 @@ def smoke_run(tmp_path_factory):
     env.update(COLA_STORAGE_PATH=str(root / "runs"), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
                TERM="xterm", COLUMNS="100")
     cmd = [str(CLI), "pretrain", "--config", str(JOBS / "configs" / "smoke.yaml"),
-           "train.max_steps=12", "train.log_every_steps=2", "train.checkpoint_every_steps=6"]
+           "train.max_steps=12", "train.log_every_steps=2", "train.checkpoint_every_steps=6",
+           "train.progress_every_s=0"]
     return cmd, env
 
 

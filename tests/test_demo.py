@@ -28,6 +28,14 @@ def test_demo_runs_end_to_end_and_pretraining_beats_random_init(tmp_path):
     done = run_in_session([str(CLI), "demo", "--workdir", str(workdir)], timeout=540, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"mlflow ui --backend-store-uri sqlite:///{workdir / 'mlflow.db'}" in done.stdout
+    # The console fits one screen and says what each step produced: progress with the loss,
+    # the steps' products, no Ray internals (execution plans, per-worker report lines).
+    console = (done.stdout + done.stderr).splitlines()
+    assert len(console) < 80, "\n".join(console)
+    assert re.search(r"^step \d+ \| epoch \d+ \| loss \d", done.stdout, flags=re.M), done.stdout
+    for product in ("Generating 300 synthetic clips", "Writing shards", "Checkpoints: ", "Done: "):
+        assert product in done.stdout, product
+    assert not any("Execution plan of Dataset" in line or "Reporting training result" in line for line in console)
     scores = _probe_scores(done.stdout)
     random_init, pretrained = scores["random init (mobilenetv3_small_050)"], scores["COLA pre-trained (this run)"]
     print(f"probe (val, test) %: random init {random_init}, pre-trained {pretrained}")

@@ -39,7 +39,7 @@ import ray
 
 from cola_ray.data import pipeline, shards, storage
 from cola_ray.data.audio import REMAINDERS, split_segments  # noqa: F401  (this module's public names before)
-from cola_ray.train import cluster, tracking
+from cola_ray.train import cluster, progress, tracking
 from cola_ray.data.pipeline import SampleCounter
 from cola_ray.data.tasks import TASK_FILE
 
@@ -163,9 +163,13 @@ def embed(
         )
     )
     columns: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in batch.items():
-            columns[k].append(v)
+    done = 0
+    with progress.shown(unit="segment", plain_every_s=30) as board:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for k, v in batch.items():
+                columns[k].append(v)
+            done += len(batch["h"])
+            progress.post(board, {"step": done, "per_second": done / max(time.monotonic() - started, 1e-9)})
     counts = ray.get(counter.snapshot.remote())
     if not columns:
         raise ValueError(f"no usable clip in {data!r}: bad samples by reason {counts['bad']}")

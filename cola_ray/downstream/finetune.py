@@ -51,7 +51,7 @@ from torch import nn
 
 from cola_ray import console
 from cola_ray.data import audio, pipeline, shards, storage
-from cola_ray.train import cluster
+from cola_ray.train import cluster, progress
 from cola_ray.train.paths import storage_root
 from cola_ray.model import distributed
 from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, check_baseline,
@@ -250,6 +250,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             best = {"epoch": epoch, "accuracy": val["accuracy"],
                     "state": {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}}
         ray.train.report({k: v for k, v in record.items()})  # every rank: it is a barrier
+        if rank == 0:  # the driver's progress line (fire and forget)
+            progress.post(run.get("progress"), {
+                "step": epoch, "total_steps": s["epochs"], "loss": record["train_loss"],
+                "accuracy": record["train_accuracy"], "val_accuracy": record["epoch_val_accuracy"]})
 
     if not s["test"]:
         return  # a sweep trial: selected on validation by Tune; test is the driver's, once
@@ -370,12 +374,13 @@ def plan(
     return FinetuneJob(settings, data, urls, task_meta.get("task") or embed.task_name(str(task)), baseline, info)
 
 
-def make_trainer(job: FinetuneJob, run: Mapping[str, str], *, name: str, storage_path: str, num_workers: int,
+def make_trainer(job: FinetuneJob, run: Mapping[str, Any], *, name: str, storage_path: str, num_workers: int,
                  use_gpu: bool, decode_num_cpus: float, callbacks: list | None = None) -> Any:
     """The TorchTrainer of one fine-tuning run, named ``name`` under ``storage_path``.
 
-    ``run = {"tracking_uri", "mlflow_run_id"}``: the workers log there (an empty run id:
-    they log nothing, e.g. in a Tune trial whose child run the driver writes).
+    ``run = {"tracking_uri", "mlflow_run_id"[, "progress"]}``: the workers log there (an empty
+    run id: they log nothing, e.g. in a Tune trial whose child run the driver writes); rank 0
+    posts each epoch's figures to the ``progress`` board (:mod:`cola_ray.train.progress`).
     """
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -458,10 +463,11 @@ def finetune(
                                     "dim": job.info["embedding_dim"]})
         cluster.connect(ray_address)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        trainer = make_trainer(job, {"tracking_uri": uri, "mlflow_run_id": run_id}, name=run_name,
-                               storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
-                               decode_num_cpus=decode_num_cpus)
-        result = trainer.fit()
+        with progress.shown(unit="epoch") as board:  # rank 0's figures per epoch, on the console
+            trainer = make_trainer(job, {"tracking_uri": uri, "mlflow_run_id": run_id, "progress": board},
+                                   name=run_name, storage_path=storage_path, num_workers=num_workers,
+                                   use_gpu=use_gpu, decode_num_cpus=decode_num_cpus)
+            result = trainer.fit()
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)

@@ -9,8 +9,9 @@ board and renders:
 
 - on a terminal (stdout a TTY and ``TERM`` not ``dumb``): one line, rewritten in place
   (``\\r`` + clear-to-end), cut to the terminal's width;
-- otherwise (``ray job logs``, CI, a file): one plain line per new figure set (every
-  ``train.log_every_steps``), no control characters.
+- otherwise (``ray job logs``, CI, a file): plain lines, no control characters: the
+  figures of a log step (``train.log_every_steps``) at most every ``plain_every_s``
+  (``train.progress_every_s``; 0: every log step), and the last figures at the end.
 
 A board lost with its node, or a driver restarted (which starts a new board and resumes
 the run), costs lines, never training: the next post resumes the line.
@@ -18,6 +19,7 @@ the run), costs lines, never training: the next post resumes the line.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Iterator, Mapping, TextIO
 
 import ray
 
@@ -91,12 +93,13 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def render(train: Mapping[str, float], evals: Mapping[str, float], *, elapsed_s: float,
-           eta_s: float | None, time_budget_s: float = 0.0) -> str:
+           eta_s: float | None, time_budget_s: float = 0.0, unit: str = "step") -> str:
     """One line: ``step 120/6000 (2%) | epoch 0 | loss 2.31 | acc 41.2% | 812 pairs/s |
-    data-wait 3% | eval speaker_id 12.5% | 1m05s, ETA 52m10s``. Fields absent or NaN are left out."""
+    data-wait 3% | eval speaker_id 12.5% | 1m05s, ETA 52m10s``. Fields absent or NaN are left
+    out; ``unit`` names what ``step`` counts (``epoch`` for fine-tuning)."""
     parts = []
     step, total = int(train.get("step", 0)), int(train.get("total_steps", 0))
-    parts.append(f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}")
+    parts.append(f"{unit} {step}/{total} ({step / total:.0%})" if total else f"{unit} {step}")
     if "epoch" in train:
         parts.append(f"epoch {int(train['epoch'])}")
 
@@ -106,10 +109,13 @@ def render(train: Mapping[str, float], evals: Mapping[str, float], *, elapsed_s:
 
     if (v := num("loss")) is not None:
         parts.append(f"loss {v:.3f}")
-    if (v := num("contrastive_accuracy")) is not None:
-        parts.append(f"acc {v:.1%}")
+    for key, label in (("contrastive_accuracy", "acc"), ("accuracy", "acc"), ("val_accuracy", "val acc")):
+        if (v := num(key)) is not None:
+            parts.append(f"{label} {v:.1%}")
     if (v := num("pairs_per_second")) is not None:
         parts.append(f"{v:,.0f} pairs/s")
+    if (v := num("per_second")) is not None:
+        parts.append(f"{v:,.1f} {unit}s/s")
     if (v := num("data_wait_fraction")) is not None:
         parts.append(f"data-wait {v:.0%}")
     for key, v in sorted(evals.items()):
@@ -130,9 +136,13 @@ class ProgressPrinter:
     the live line is ended with a newline at the stop, so what follows starts clean."""
 
     def __init__(self, board: Any, *, stream: TextIO | None = None, interval_s: float = 1.0,
-                 time_budget_s: float = 0.0, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 plain_every_s: float = 0.0, time_budget_s: float = 0.0, live: bool | None = None,
+                 unit: str = "step", clock: Callable[[], float] = time.monotonic) -> None:
+        self.unit = unit
         self.board, self.interval_s, self.time_budget_s = board, interval_s, time_budget_s
+        self.plain_every_s = plain_every_s
+        self._printed_at: float | None = None  # when the last plain line was printed
+        self._held: tuple[Mapping[str, float], Mapping[str, float]] | None = None  # figures not printed yet
         self.stream = stream if stream is not None else sys.stdout
         self.live = is_terminal(self.stream) if live is None else live
         self.clock = clock
@@ -156,6 +166,8 @@ class ProgressPrinter:
         if self._thread.is_alive():
             self._thread.join(timeout=self.interval_s + 5)
         self.poll(timeout=2)  # the last figures, if they came after the last poll
+        if self._held is not None:  # plain mode: the last figures were held back by the interval
+            self.show(*self._held)
         if self.live and self.shown:
             self.stream.write("\n")
             self.stream.flush()
@@ -181,7 +193,11 @@ class ProgressPrinter:
             new["train"] = [self.last]  # an evaluation result alone: the last figures with it
         line = None
         for train in (new["train"] if not self.live else new["train"][-1:]):
-            line = self.show(train, new["eval"])
+            now = self.clock()
+            if self.live or self._printed_at is None or now - self._printed_at >= self.plain_every_s:
+                line, self._printed_at, self._held = self.show(train, new["eval"]), now, None
+            else:
+                self._held = (train, new["eval"])
         self.last = new["train"][-1]
         return line
 
@@ -201,7 +217,7 @@ class ProgressPrinter:
 
     def show(self, train: Mapping[str, float], evals: Mapping[str, float]) -> str:
         line = render(train, evals, elapsed_s=self.clock() - self.started, eta_s=self.eta(train),
-                      time_budget_s=self.time_budget_s)
+                      time_budget_s=self.time_budget_s, unit=self.unit)
         if self.live:
             width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
             self.stream.write("\r" + line[:width] + "\x1b[K")
@@ -210,3 +226,18 @@ class ProgressPrinter:
             self.stream.write(line + "\n")
         self.stream.flush()
         return line
+
+
+@contextlib.contextmanager
+def shown(**printer_kwargs: Any) -> Iterator[Any]:
+    """``with shown(unit=...) as board:`` a board, printed by a :class:`ProgressPrinter` while
+    the block runs; at its end the last figures are printed and the board is let go."""
+    board = start_board()
+    try:
+        with ProgressPrinter(board, **printer_kwargs):
+            yield board
+    finally:
+        try:
+            ray.kill(board)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass

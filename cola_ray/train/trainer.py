@@ -57,14 +57,14 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, paths.name, tags={"cola_ray.run_dir": paths.run_dir})
     echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")
     echo(f"Checkpoints: {paths.run_dir}" + ("  (resuming)" if resumed else ""))
-    board = progress.start_board()  # rank 0's figures, for the live line below
-    run = {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter, "progress": board,
-           **paths.worker_fields()}
-    trainer = _torch_trainer(plan, run, datasets)
     status = "FAILED"
     try:
-        with progress.ProgressPrinter(board, time_budget_s=cfg.train.max_minutes * 60):
-            result = trainer.fit()
+        # Rank 0's figures (and the online evaluation's) on this console while the run goes on.
+        with progress.shown(plain_every_s=cfg.train.progress_every_s,
+                            time_budget_s=cfg.train.max_minutes * 60) as board:
+            run = {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter, "progress": board,
+                   **paths.worker_fields()}
+            result = _torch_trainer(plan, run, datasets).fit()
         status = "FINISHED"
     finally:
         try:

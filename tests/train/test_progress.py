@@ -89,3 +89,18 @@ def test_a_lost_board_costs_lines_not_the_run(ray_local):
     printer.stop()
     progress.post(None, FIG)  # no board at all (a run without a driver line)
     assert out.getvalue() == ""
+
+
+def test_plain_mode_holds_lines_to_its_interval_and_prints_the_last(board):
+    out, now = io.StringIO(), [0.0]
+    printer = progress.ProgressPrinter(board, stream=out, live=False, plain_every_s=30, clock=lambda: now[0])
+    for step in (2, 4, 6):
+        _post_and_wait(board, {**FIG, "step": step, "total_steps": 8})
+    printer.poll()  # within one interval: the first line only
+    now[0] = 31.0
+    _post_and_wait(board, {**FIG, "step": 8, "total_steps": 8})
+    printer.poll()  # an interval later: the next one
+    _post_and_wait(board, {**FIG, "step": 8, "loss": 1.0, "total_steps": 8})
+    printer.stop()  # the held last figures at the end
+    steps = [re.match(r"step (\d+)/8", line).group(1) for line in out.getvalue().splitlines()]
+    assert steps == ["2", "8", "8"] and "loss 1.000" in out.getvalue().splitlines()[-1]
