@@ -67,6 +67,10 @@ class DataConfig:
     """Clips held in each training worker's local shuffle buffer (authors' code: 1000)."""
     shuffle_shards: bool = True
     """Visit shards in a fresh random order every epoch."""
+    resume_epoch: str = "continue"
+    """A resume mid-epoch: ``continue`` delivers exactly the clips that epoch has not trained
+    on yet (refused when the checkpoint cannot say which, or names another set of shards);
+    ``restart`` starts that epoch's pass over."""
     max_bad_fraction: float = 0.01
     """Error budget: the run fails once bad samples exceed this fraction of samples seen."""
     min_samples_for_budget: int = 200
@@ -447,6 +451,8 @@ class Config:
             )
         if t.step_timeout_s < 0:
             raise ConfigError(f"train.step_timeout_s must be >= 0 (0 = off), got {t.step_timeout_s}")
+        if d.resume_epoch not in ("continue", "restart"):
+            raise ConfigError(f"data.resume_epoch must be 'continue' or 'restart', got {d.resume_epoch!r}")
         if t.progress_every_s < 0:
             raise ConfigError(f"train.progress_every_s must be >= 0 (0 = every log step), got {t.progress_every_s}")
         if t.checkpoint_every_steps < 1 or t.log_every_steps < 1:

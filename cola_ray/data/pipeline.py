@@ -4,7 +4,8 @@ Data workers only read, decode and crop. They never compute features: log-mel ru
 on the training device (on GPU nodes, CPU log-mel would cost ~8 cores per GPU).
 
     shard urls --(random order each epoch)--> decode_and_crop_blocks (Ray tasks, one per shard)
-        --> blocks of rows {"anchor": float32 (S,), "positive": float32 (S,), "clip_id": int (24-bit)},
+        --> blocks of rows {"anchor": float32 (S,), "positive": float32 (S,), "clip_id": int (24-bit),
+                            "shard_idx", "sample_idx": int (the clip, exactly)},
             ``data.block_pairs`` rows stacked per block
         --> streaming_split across Ray Train workers --> iter_torch_batches
 
@@ -57,6 +58,32 @@ class SampleCounter:
             "bad_shards": dict(self.bad_shards),
             "refused": dict(self.refused),
         }
+
+
+@ray.remote(num_cpus=0)
+class EpochLedger:
+    """What the epoch in progress must not deliver again: per shard file name, the ordinals
+    of the clips a resumed run had already trained on in this epoch (restored from the
+    checkpoint by the training workers, :mod:`cola_ray.train.epochs`). World rank 0 sets it
+    before each epoch's pass (empty for a fresh epoch); every decode task asks once, for its
+    shard, before it yields anything."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.skip: dict[str, np.ndarray] = {}
+
+    def begin(self, epoch: int, skip: dict[str, np.ndarray]) -> None:
+        self.epoch, self.skip = epoch, dict(skip)
+
+    def skip_for(self, shard: str) -> np.ndarray | None:
+        return self.skip.get(shard)
+
+
+def _skip_set(ledger: Any | None, shard: str) -> frozenset[int]:
+    if ledger is None:
+        return frozenset()
+    found = ray.get(ledger.skip_for.remote(shard))
+    return frozenset() if found is None else frozenset(int(i) for i in found)
 
 
 class ErrorBudgetExceeded(RuntimeError):
@@ -216,10 +243,16 @@ def collision_rate(clip_ids: Any) -> float:
 
 
 def decode_and_crop(
-    row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None
+    row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None, ledger: Any | None = None
 ) -> Iterator[dict[str, Any]]:
     """One shard -> ``pairs_per_clip`` pairs per good clip: rows ``{"anchor": (S,) float32,
-    "positive": (S,) float32, "clip_id": int}`` (:func:`clip_id`).
+    "positive": (S,) float32, "clip_id": int, "shard_idx": int, "sample_idx": int}``
+    (:func:`clip_id`; ``shard_idx`` = ``row["shard_index"]``, the shard's place in the run's
+    shard list; ``sample_idx`` = the clip's ordinal among the shard's good clips, stable from
+    read to read: together they name the clip exactly, for exactly-once epochs).
+
+    With a ``ledger`` (:class:`EpochLedger`), the clips it lists for this shard are
+    decoded (their ordinals must stay the same) but not delivered: a resumed epoch's rest.
 
     Runs in a Ray Data task. Three paths, chosen by ``data``:
 
@@ -238,22 +271,27 @@ def decode_and_crop(
     tally = ShardTally(os.path.basename(row["shard"]))
     # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
     rng = np.random.default_rng(row.get("seed"))
+    shard_idx = int(row.get("shard_index", 0))
+    skip = _skip_set(ledger, os.path.basename(row["shard"]))
     try:
-        for key, pairs in _pairs(row, data, tally, rng):
+        for ordinal, (key, pairs) in enumerate(_pairs(row, data, tally, rng)):
+            if ordinal in skip:  # trained on before the resume, in this same epoch
+                continue
             cid = clip_id(row["shard"], key)
             for anchor, positive in pairs:
-                yield {"anchor": anchor, "positive": positive, "clip_id": cid}
+                yield {"anchor": anchor, "positive": positive, "clip_id": cid, "shard_idx": shard_idx,
+                       "sample_idx": ordinal}
             tally.good += 1
     finally:
         tally.report(counter)
 
 
 def decode_and_crop_blocks(
-    batch: dict[str, np.ndarray], cfg: dict[str, Any], counter: Any | None = None
+    batch: dict[str, np.ndarray], cfg: dict[str, Any], counter: Any | None = None, ledger: Any | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """:func:`decode_and_crop` for ``map_batches(batch_size=1)``: the shard in ``batch`` ->
-    blocks ``{"anchor": (N, S) float32, "positive": (N, S) float32, "clip_id": (N,) int64}``
-    with N = ``data.block_pairs`` (the last one shorter).
+    blocks ``{"anchor": (N, S) float32, "positive": (N, S) float32, "clip_id", "shard_idx",
+    "sample_idx": (N,) int64}`` with N = ``data.block_pairs`` (the last one shorter).
 
     Why blocks: a row-at-a-time ``flat_map`` cost Ray Data ~0.13 ms of CPU per pair
     (building blocks out of per-row dicts), as much as decoding when the decode is cheap
@@ -264,16 +302,22 @@ def decode_and_crop_blocks(
     n = int(cfg.get("block_pairs", DataConfig.block_pairs))
     anchors: list[np.ndarray] = []
     positives: list[np.ndarray] = []
-    ids: list[int] = []
-    for pair in decode_and_crop(row, cfg, counter):
+    ids: list[tuple[int, int, int]] = []  # (clip_id, shard_idx, sample_idx)
+
+    def block() -> dict[str, np.ndarray]:
+        cols = np.asarray(ids, np.int64).reshape(-1, 3)
+        return {"anchor": np.stack(anchors), "positive": np.stack(positives), "clip_id": cols[:, 0],
+                "shard_idx": cols[:, 1], "sample_idx": cols[:, 2]}
+
+    for pair in decode_and_crop(row, cfg, counter, ledger):
         anchors.append(pair["anchor"])
         positives.append(pair["positive"])
-        ids.append(pair["clip_id"])
+        ids.append((pair["clip_id"], pair["shard_idx"], pair["sample_idx"]))
         if len(ids) == n:
-            yield {"anchor": np.stack(anchors), "positive": np.stack(positives), "clip_id": np.asarray(ids, np.int64)}
+            yield block()
             anchors, positives, ids = [], [], []
     if ids:
-        yield {"anchor": np.stack(anchors), "positive": np.stack(positives), "clip_id": np.asarray(ids, np.int64)}
+        yield block()
 
 
 def _pairs(
@@ -348,17 +392,20 @@ def list_shards(data: DataConfig) -> list[str]:
     return urls
 
 
-def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | None = None) -> ray.data.Dataset:
+def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | None = None,
+               ledger: Any | None = None) -> ray.data.Dataset:
     """The training dataset: a lazy, streaming Ray Dataset of waveform pairs.
 
-    Executed afresh every epoch, so crops (and the shard order) change every epoch.
-    Fails fast, naming the path, when no shard is found.
+    Executed afresh every epoch, so crops (and the shard order) change every epoch. Each
+    pair names its clip (``shard_idx`` into ``urls``, ``sample_idx``); with a ``ledger``
+    (:class:`EpochLedger`) the clips it lists are left out of the pass. Fails fast, naming
+    the path, when no shard is found.
     """
     urls = urls if urls is not None else list_shards(data)
     if not urls:
         raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
     versions = _manifest_versions(data) if data.cache_dir else {}
-    rows = [{"shard": u} for u in urls]
+    rows = [{"shard": u, "shard_index": i} for i, u in enumerate(urls)]
     if data.cache_dir:  # same columns in every row
         rows = [{**r, **versions.get(os.path.basename(r["shard"]), {"sha256": "", "bytes": 0})} for r in rows]
     ds = ray.data.from_items(rows, override_num_blocks=len(urls))
@@ -377,14 +424,14 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
         decode_and_crop_blocks,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"cfg": _plain(data), "counter": counter},
+        fn_kwargs={"cfg": _plain(data), "counter": counter, "ledger": ledger},
         **remote_args,
     )
     # Each yield of decode_and_crop_blocks becomes one block as it is: Ray Data would
     # otherwise concatenate yields up to its 128 MiB target (a copy of every pair) or
     # slice them. Ray Data pays ~8 ms per block on top of ~0.02 ms per pair (measured),
     # hence blocks of hundreds of pairs. This context is this dataset's own copy.
-    block_bytes = data.block_pairs * (2 * data.segment_samples * 4 + 8)
+    block_bytes = data.block_pairs * (2 * data.segment_samples * 4 + 3 * 8)
     ds.context.target_max_block_size = max(1, int(0.75 * block_bytes))
     return ds
 

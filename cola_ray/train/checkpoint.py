@@ -65,6 +65,11 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     """Wall time spent training so far, resumes included (``train.max_minutes`` counts it)."""
+    epoch_clips: dict[str, str] | None = None
+    """The clips the epoch in progress has trained on, per shard file name (encoded ordinals,
+    :mod:`cola_ray.train.epochs`); None in checkpoints from before exactly-once epochs."""
+    data_shards: dict[str, str] | None = None
+    """The run's shards: file name -> manifest sha256 ("" without a manifest)."""
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

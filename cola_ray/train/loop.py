@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterable, Iterator, Mapping
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -45,6 +46,7 @@ from cola_ray.data import storage
 from cola_ray.data.pipeline import check_budget, collision_rate
 from cola_ray.model import distributed
 from cola_ray.train import online_eval, progress
+from cola_ray.train.epochs import EpochClips, resume_skip
 from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                        check_resume, checkpoint_folders, load_checkpoint, read_state,
                                        save_checkpoint)
@@ -80,25 +82,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = loop_config["run"]
     w = set_up(loop_config["config"])
     cfg = w.cfg
-    state, resumed = restore(w, run)
+    state, resumed, skip = restore(w, run)
+    clips = EpochClips(run.get("shard_names", []), cfg.data.pairs_per_clip)  # exactly-once epochs
     stepper = Stepper(w)
     logger = StepLogger(w, run, resumed)
     ctx = ray.train.get_context()  # one monitor per node (local rank 0): system/node_<rank>/...
     system = start_system_metrics(run["tracking_uri"], run["mlflow_run_id"], cfg,
                                   node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
-    checkpointer = Checkpointer(w, logger.spool, state.step)
+    checkpointer = Checkpointer(w, logger.spool, state.step, clips)
     clock = Clock(w, state)
     evaluator = _evaluator(w)  # world rank 0 only, with eval.every_steps and eval.mode=inline
     done = ((cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps)
             or 0 < cfg.train.max_minutes * 60 <= state.train_seconds)  # restored: the same on every rank
 
     while not done and state.epoch < cfg.train.epochs:
+        # Begin: the epoch's pass leaves out what a restored checkpoint had trained on in it.
+        begin_epoch(w, run.get("ledger"), clips, state.epoch, skip)
+        resuming, skip = bool(skip), {}
         steps_this_epoch = 0
         t_ready = time.perf_counter()
         for batch in _watched(w.epoch_batches(), cfg.train.step_timeout_s, w.rank, w.world, state):
             t_batch = time.perf_counter()
             # Step: forward, backward, update; every rank skips together on a non-finite loss.
             out, finite = stepper.step(batch, state.step)
+            clips.add(batch["shard_idx"], batch["sample_idx"])
             state.step += 1
             steps_this_epoch += 1
             logger.add(batch, out, finite, wait=t_batch - t_ready, total=time.perf_counter() - t_ready)
@@ -120,14 +127,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if done:
                 break
             t_ready = time.perf_counter()
-        if steps_this_epoch == 0:
+        if steps_this_epoch == 0 and not resuming:  # (a resumed epoch may have had less than a batch left)
             raise RuntimeError(
                 f"epoch {state.epoch} gave worker {w.rank} no full batch of {cfg.per_worker_batch} pairs: "
                 f"the shards at {cfg.data.shards!r} hold too few clips for train.batch_size="
                 f"{cfg.train.batch_size} over {w.world} workers"
             )
-        if not done:
+        if not done:  # the epoch's clips, each once (collective: every rank)
+            logger.log_epoch(clips.epoch_metrics(), state)
             state.epoch += 1
+            clips.begin()  # a checkpoint from here on is of the new epoch, which has trained on nothing yet
 
     # Finish: the steps since the last log line, a checkpoint of the last step, MLflow
     # flushed, and the encoder logged once everything else is in the run.
@@ -270,9 +279,10 @@ class Resumed:
     ray_step: int
 
 
-def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | None]:
+def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | None, dict[str, np.ndarray]]:
     """The train state to start from, with ``w.core`` and ``w.optimizer`` loaded; ``None``
-    for a fresh start.
+    for a fresh start; and the clips the restored epoch had trained on, per shard
+    (:func:`cola_ray.train.epochs.resume_skip`; {} for a fresh start or a fresh epoch).
 
     Ray Train's checkpoint, unless the run's folder holds a newer complete one of this
     MLflow run (:func:`_load_newer`); refused by :func:`check_resume` if it would change
@@ -280,7 +290,8 @@ def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | Non
     """
     cfg = w.cfg
     state = TrainState(world_size=w.world, global_batch=cfg.train.batch_size,
-                       mlflow_run_id=run["mlflow_run_id"], config=cfg.to_dict())
+                       mlflow_run_id=run["mlflow_run_id"], config=cfg.to_dict(),
+                       data_shards=dict(run.get("shard_versions") or {}))
     checkpoint = ray.train.get_checkpoint()
     restored = None
     if checkpoint is not None:
@@ -290,14 +301,29 @@ def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | Non
     if run.get("checkpoint_dir"):  # a newer checkpoint Ray had not registered when a worker died
         restored = _load_newer(run["checkpoint_dir"], cfg, w.core, w.optimizer, run["mlflow_run_id"],
                                ray_step) or restored
+    skip: dict[str, np.ndarray] = {}
     if restored is not None:
         check_resume(restored, cfg, w.world)
         state.step, state.epoch, state.train_seconds = restored.step, restored.epoch, restored.train_seconds
+        if "shard_versions" in run:
+            skip = resume_skip(restored.epoch_clips, restored.data_shards, run["shard_versions"],
+                               cfg.data.resume_epoch, f"the checkpoint of step {restored.step}")
     # Every rank must start from the same step (they read the same folders; check it).
     steps = torch.tensor([float(state.step), -float(state.step)], device=w.device)
     if distributed.all_reduce(steps.clone(), op="max").tolist() != steps.tolist():
         raise RuntimeError(f"rank {w.rank} restored step {state.step}, another rank a different one")
-    return state, (Resumed(state.step, ray_step) if restored is not None else None)
+    return state, (Resumed(state.step, ray_step) if restored is not None else None), skip
+
+
+def begin_epoch(w: Setup, ledger: Any, clips: EpochClips, epoch: int, skip: Mapping[str, np.ndarray]) -> None:
+    """Rank 0 tells the data ledger what this epoch must leave out (``skip``, from a
+    restore; {} for a fresh epoch); every rank waits for it before the pass starts, and
+    starts its record of the epoch from ``skip``."""
+    if ledger is not None and w.rank == 0:
+        ray.get(ledger.begin.remote(epoch, dict(skip)))
+    if ledger is not None:
+        distributed.all_reduce(torch.zeros(1, device=w.device))  # a barrier: the ledger is set
+    clips.begin(skip)
 
 
 def _load_newer(checkpoint_dir: str, cfg: Config, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -510,6 +536,15 @@ class StepLogger:
         progress.post(self.board, {**{k: metrics[k] for k in progress.FIELDS if k in metrics},
                                    "step": state.step, "total_steps": w.cfg.train.max_steps})
 
+    def log_epoch(self, metrics: Mapping[str, float], state: TrainState) -> None:
+        """An epoch's clip tallies (:meth:`EpochClips.epoch_metrics`) at its last step; repeats warned."""
+        if self.w.rank != 0:
+            return
+        if metrics.get("data/epoch_repeats"):
+            log.warning("epoch %d delivered %d clip(s) more than once", state.epoch, int(metrics["data/epoch_repeats"]))
+        if self.spool is not None:
+            self.spool.log_metrics(dict(metrics), step=state.step)
+
     def log_eval(self, metrics: Mapping[str, float], step: int) -> None:
         """Rank 0's online-evaluation results at ``step``: to MLflow, and one line to the log."""
         log.info("step %d: online evaluation %s", step, ", ".join(
@@ -641,13 +676,15 @@ class Checkpointer:
     (a barrier); with ``tracking.log_checkpoints`` rank 0's spool copies it to MLflow.
     Remembers the last step saved, so the finish saves only a step not saved yet."""
 
-    def __init__(self, w: Setup, spool: SpooledLogger | None, step: int) -> None:
-        self.w, self.spool = w, spool
+    def __init__(self, w: Setup, spool: SpooledLogger | None, step: int, clips: EpochClips) -> None:
+        self.w, self.spool, self.clips = w, spool, clips
         self.last_step = step
 
     def save(self, state: TrainState, validate: bool = False) -> None:
-        """Checkpoint ``state``; with ``validate``, Ray Train evaluates it (``eval.mode=async``)."""
+        """Checkpoint ``state``, with the epoch's clips so far (gathered from every rank);
+        with ``validate``, Ray Train evaluates it (``eval.mode=async``)."""
         w = self.w
+        state.epoch_clips = self.clips.gathered()  # collective: every rank saves at the same steps
         metrics = {"step": state.step, "epoch": state.epoch}
         name = f"checkpoint_{state.step:09d}"
         self.last_step = state.step

@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cola_ray import console
 from cola_ray.config import Config
-from cola_ray.data.pipeline import SampleCounter, read_pairs
+from cola_ray.data.pipeline import EpochLedger, SampleCounter, read_pairs
 from cola_ray.train import progress, tracking
 from cola_ray.train.loop import train_loop_per_worker
 from cola_ray.train.preflight import RunPlan, preflight
@@ -52,7 +52,10 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     # On the driver's node: the run's tallies must outlive the loss of any worker node.
     dataset_counter = SampleCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=True)).remote()
-    datasets = {"train": read_pairs(cfg.data, dataset_counter, plan.urls)}
+    # What a resumed epoch must leave out: set by world rank 0, read by every decode task.
+    ledger = EpochLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
+    datasets = {"train": read_pairs(cfg.data, dataset_counter, plan.urls, ledger)}
 
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, paths.name, tags={"cola_ray.run_dir": paths.run_dir})
     echo(f"MLflow: {tracking.run_url(uri, run_id, cfg.tracking.experiment)}")
@@ -63,7 +66,8 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
         with progress.shown(plain_every_s=cfg.train.progress_every_s,
                             time_budget_s=cfg.train.max_minutes * 60) as board:
             run = {"tracking_uri": uri, "mlflow_run_id": run_id, "counter": dataset_counter, "progress": board,
-                   **paths.worker_fields()}
+                   "ledger": ledger, "shard_names": [os.path.basename(u) for u in plan.urls],
+                   "shard_versions": plan.shard_versions, **paths.worker_fields()}
             result = _torch_trainer(plan, run, datasets).fit()
         status = "FINISHED"
     finally:

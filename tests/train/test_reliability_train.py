@@ -114,6 +114,13 @@ def spooled_steps(path: Path) -> list[int]:
     return [json.loads(x)["step"] for x in lines if x.strip() and '"step"' in x]
 
 
+def epoch_tallies(client: MlflowClient, run_id: str) -> dict[int, tuple[int, int]]:
+    """Epoch-end step -> (distinct clips trained on in that epoch, repeats)."""
+    clips = {m.step: int(m.value) for m in client.get_metric_history(run_id, "data/epoch_clips")}
+    repeats = {m.step: int(m.value) for m in client.get_metric_history(run_id, "data/epoch_repeats")}
+    return {s: (clips[s], repeats.get(s, -1)) for s in clips}
+
+
 def run_id_of(client: MlflowClient, name: str) -> str | None:
     exp = client.get_experiment_by_name("test-reliability")
     if exp is None:
@@ -260,6 +267,13 @@ def test_training_worker_killed_resumes_with_every_step_logged_once(ray_local, c
     assert 0 <= redone <= CKPT_EVERY, (step_at_kill, restored)
     ckpts = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "runs" / "kill-train").glob("checkpoint_0*"))
     assert ckpts == list(range(CKPT_EVERY, max_steps + 1, CKPT_EVERY)), ckpts
+    # Exactly-once epochs: the epoch the kill interrupted went on with exactly its remaining
+    # clips, so every epoch ended where an uninterrupted run's does (8 steps of 16 pairs),
+    # with all 128 clips, none twice. (Starting the epoch over, as before, ended it 4 steps
+    # late with 64 repeats.)
+    ends = epoch_tallies(client, run_id)
+    assert sorted(ends) == list(range(8, max_steps + 1, 8)), ends
+    assert all(ends[s] == (128, 0) for s in ends), ends
     first_new = min(m.timestamp for m in history if m.step == step_at_kill + 1) / 1000
     print(f"\nworker kill: killed rank 0 at step {step_at_kill}; Ray Train handed back step "
           f"{tags['cola_ray.ray_checkpoint_step']}, restored from {restored} "
@@ -465,6 +479,9 @@ def test_resume_with_other_world_size_keeps_global_batch(ray_local, corpus, tmp_
     assert abs(after - before) < 0.5
     state = read_state(again.checkpoint)
     assert (state.step, state.world_size, state.global_batch) == (30, 1, 16)
+    # Step 20 was mid-epoch (epoch 2: steps 17-24); one worker went on with exactly the 64
+    # clips two workers had not trained on: the epoch still ends at step 24, every clip once.
+    assert epoch_tallies(MlflowClient(uri), first.mlflow_run_id) == {8: (128, 0), 16: (128, 0), 24: (128, 0)}
 
 
 def test_resume_that_would_change_the_negatives_is_refused(ray_local, corpus, tmp_path):

@@ -1,0 +1,79 @@
+"""Exactly-once epochs (cola_ray.train.epochs, the pipeline's EpochLedger): the record's
+encoding, what a resume may skip, and decode tasks leaving the skipped clips out."""
+
+import numpy as np
+import pytest
+
+from cola_ray.config import ConfigError
+from cola_ray.train import epochs
+from cola_ray.train.checkpoint import TrainState, save_checkpoint
+from cola_ray.train.preflight import refuse_incompatible_resume
+from helpers.factories import make_shards, tiny_config
+
+
+def test_encoding_round_trips_and_is_small():
+    rng = np.random.default_rng(0)
+    ords = np.sort(rng.choice(1_000_000, size=500_000, replace=False))
+    text = epochs.encode(ords)
+    assert np.array_equal(epochs.decode(text), ords)
+    assert len(text) < 500_000 * 4 / 8 * 1.4  # about 2 bits a clip (+ base64), not 64
+    assert np.array_equal(epochs.decode(epochs.encode(np.array([5, 3, 3, 0]))), [0, 3, 5])
+    assert len(epochs.encode(np.arange(1_000_000))) < 10_000  # a whole epoch of 1M clips: ~5 kB
+
+
+SHARDS = {"a.tar": "sha-a", "b.tar": "sha-b"}
+
+
+def test_resume_skip_continues_refuses_or_restarts():
+    record = {"a.tar": epochs.encode(np.array([0, 2])), "b.tar": epochs.encode(np.array([1]))}
+    skip = epochs.resume_skip(record, SHARDS, SHARDS, "continue", "ckpt")
+    assert {k: v.tolist() for k, v in skip.items()} == {"a.tar": [0, 2], "b.tar": [1]}
+    # A shard changed since the save: its part of the epoch starts over (named in a warning).
+    skip = epochs.resume_skip(record, SHARDS, {**SHARDS, "b.tar": "sha-b2"}, "continue", "ckpt")
+    assert list(skip) == ["a.tar"]
+    # Another set of shards, or a record from before exactly-once epochs: refused, naming it...
+    with pytest.raises(ValueError, match=r"ckpt was trained on another set of shards.*1 missing.*'b.tar'"):
+        epochs.resume_skip(record, SHARDS, {"a.tar": "sha-a", "c.tar": "x"}, "continue", "ckpt")
+    with pytest.raises(ValueError, match="does not record which clips.*data.resume_epoch=restart"):
+        epochs.resume_skip(None, None, SHARDS, "continue", "ckpt")
+    # ... unless the user says to start the epoch over; an epoch's start has nothing to skip.
+    assert epochs.resume_skip(None, None, SHARDS, "restart", "ckpt") == {}
+    assert epochs.resume_skip({}, SHARDS, {"z.tar": ""}, "continue", "ckpt") == {}
+
+
+def test_driver_refuses_a_checkpoint_without_a_record(tmp_path):
+    import torch
+
+    cfg = tiny_config(tmp_path, str(tmp_path / "shards"), f"sqlite:///{tmp_path / 'm.db'}")
+    folder = tmp_path / "run" / "checkpoint_000000010"
+    state = TrainState(step=10, epoch=1, world_size=2, global_batch=cfg.train.batch_size, config=cfg.to_dict())
+    save_checkpoint(folder, torch.nn.Linear(2, 2), None, state)  # as written before exactly-once epochs
+    with pytest.raises(ConfigError, match=rf"cannot resume {folder}: .*does not record which clips"):
+        refuse_incompatible_resume(cfg, str(tmp_path / "run"), SHARDS)
+    import dataclasses
+
+    restart = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resume_epoch="restart"))
+    refuse_incompatible_resume(restart, str(tmp_path / "run"), SHARDS)  # told to: no error
+
+
+def test_decode_tasks_leave_out_what_the_ledger_lists(ray_local, tmp_path):
+    import dataclasses
+    import os
+
+    import ray
+
+    from cola_ray.config import DataConfig
+    from cola_ray.data import pipeline
+
+    url = sorted(str(p) for p in make_shards(tmp_path, n_clips=12, seconds=1.2, seed=2, max_samples=6).glob("*.tar"))[0]
+    cfg = dataclasses.asdict(DataConfig())
+    every = list(pipeline.decode_and_crop({"shard": url, "shard_index": 3, "seed": 1}, cfg))
+    assert [r["sample_idx"] for r in every] == list(range(6)) and {r["shard_idx"] for r in every} == {3}
+    ledger = pipeline.EpochLedger.remote()
+    ray.get(ledger.begin.remote(5, {os.path.basename(url): np.array([1, 4])}))
+    rest = list(pipeline.decode_and_crop({"shard": url, "shard_index": 3, "seed": 1}, cfg, ledger=ledger))
+    assert [r["sample_idx"] for r in rest] == [0, 2, 3, 5]
+    # The clips delivered are the same ones, cut the same way (ordinals are stable read to read).
+    by_idx = {r["sample_idx"]: r for r in every}
+    assert all(np.array_equal(r["anchor"], by_idx[r["sample_idx"]]["anchor"]) for r in rest)
+    ray.kill(ledger)
