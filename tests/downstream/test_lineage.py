@@ -126,3 +126,20 @@ def test_a_note_that_cannot_be_written_warns_and_does_not_raise(pretrained):
     run_id = downstream_run(p, "probe-lost", **{PRETRAIN_RUN_TAG: "0" * 32})
     with pytest.warns(RuntimeWarning, match="pre-training run"):
         notes.note_finished(p["client"], run_id)
+
+
+@pytest.mark.slow
+def test_a_real_probe_is_tagged_and_listed_on_its_pretraining_run(ray_local, pretrained, tmp_path):
+    from cola_ray.downstream.probe import probe
+    from helpers.factories import labelled_task
+
+    p = pretrained
+    task = labelled_task(tmp_path / "task", ["tones", "chirps"], n_clips=12, name="toy-two", max_samples=6)
+    result = probe(p["checkpoint"], str(task / "shards"), epochs=2, experiment="test-downstream",
+                   tracking_uri=p["uri"], cache_dir=str(tmp_path / "cache"))
+    client = MlflowClient(tracking_uri=p["uri"])
+    tags = client.get_run(result.run_id).data.tags
+    assert (tags[PRETRAIN_RUN_TAG], tags[PRETRAIN_RUN_NAME_TAG], tags[CHECKPOINT_STEP_TAG]) == (p["run_id"], "cola-a", "500")
+    note = client.get_run(p["run_id"]).data.tags[NOTE_TAG]
+    assert f"(#/experiments/{p['downstream']}/runs/{result.run_id})" in note
+    assert f"{100 * result.test_accuracy:.1f}%" in note
