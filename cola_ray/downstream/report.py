@@ -128,7 +128,8 @@ def grouped(cells: dict[tuple[str, str], Cell], groups: dict[str, dict[tuple[str
     if r.groups:
         parts = []
         for pid, g in r.groups.items():
-            steps = sorted({c.step for c in groups[pid].values() if c.step}, key=int)
+            steps = sorted({c.step for c in groups[pid].values() if c.step},
+                           key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
             at = f", checkpoint step {', '.join(steps)}" if steps else ""
             parts.append(f"## Pre-training run {names.get(pid) or pid} (`{pid}`{at})\n\n{g.markdown}")
         if len(shared) < len(groups.get("", {})):  # e.g. runs from before runs were tagged
