@@ -214,6 +214,8 @@ def test_finetune_sweep_learns_selects_on_validation_and_tests_once(tones, check
     trials = [r for r in children if r.data.tags["cola_ray.kind"] == "trial"]
     (selected,) = [r for r in children if r.data.tags["cola_ray.kind"] == "finetune"]
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    for run in (parent, selected, *trials):  # each names the checkpoint's step it measured
+        assert run.data.tags["cola_ray.pretrain.step"] == "7" and run.data.tags["cola_ray.encoder.kind"] == "checkpoint"
 
     # Trials: an epoch_val_accuracy per epoch, and never a test accuracy.
     scores = {}
