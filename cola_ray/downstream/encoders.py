@@ -42,6 +42,8 @@ from cola_ray.train.checkpoint import MODEL_FILE, STATE_FILE, load_encoder as lo
 from cola_ray.config import Config, DataConfig, FeatureConfig, ModelConfig
 from cola_ray.model.encoder import LOGMEL, LogMelStats, WaveformEncoder
 from cola_ray.downstream.export import CONFIG_FILE, WEIGHTS_FILE, load_export
+from cola_ray.downstream.tags import (ARCHITECTURE_FROM_TAG, CHECKPOINT_STEP_TAG, ENCODER_KIND_TAG, ENCODER_TAG,
+                                      PRETRAIN_EXPERIMENT_TAG, PRETRAIN_RUN_NAME_TAG, PRETRAIN_RUN_TAG)
 
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
@@ -87,6 +89,61 @@ def resolve_encoder(ref: str, *, tracking_uri: str = "") -> tuple[WaveformEncode
     if _RUN_ID.fullmatch(ref):
         return _from_run(ref, _tracking_uri(tracking_uri))
     raise EncoderNotFound(f"encoder reference {ref!r} names no file, folder or MLflow run; {KINDS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """What a downstream run measured: the encoder reference and, when it comes from a
+    pre-training run, that run (id, name, experiment) and the checkpoint's step."""
+
+    ref: str
+    kind: str
+    """resolve_encoder's ``info["kind"]``: checkpoint, export, mlflow-model, random, features."""
+    run_id: str = ""
+    run_name: str = ""
+    experiment_id: str = ""
+    step: int | None = None
+    from_scratch: bool = False
+    """Only the architecture is used (the supervised baseline): no pre-training run is claimed."""
+
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags of a downstream run; only those that apply."""
+        tags = {ENCODER_TAG: self.ref, ENCODER_KIND_TAG: self.kind}
+        if self.from_scratch:
+            return {**tags, ARCHITECTURE_FROM_TAG: self.ref}
+        for name, value in ((PRETRAIN_RUN_TAG, self.run_id), (PRETRAIN_RUN_NAME_TAG, self.run_name),
+                            (PRETRAIN_EXPERIMENT_TAG, self.experiment_id),
+                            (CHECKPOINT_STEP_TAG, "" if self.step is None else str(self.step))):
+            if value:
+                tags[name] = value
+        return tags
+
+
+def lineage(ref: str, info: Mapping[str, Any] | None = None, *, tracking_uri: str = "",
+            from_scratch: bool = False) -> Lineage:
+    """The :class:`Lineage` of ``ref``; ``info`` is resolve_encoder's (resolved here when None).
+
+    The pre-training run's name and experiment are looked up in ``tracking_uri``'s store; a
+    run id that store does not know (a checkpoint from elsewhere) is kept without them.
+    """
+    ref = str(ref).strip()
+    if ref == LOGMEL or ref.startswith(RANDOM_PREFIX):  # nothing trained: nothing to look up
+        return Lineage(ref, "features" if ref == LOGMEL else "random", from_scratch=from_scratch)
+    if info is None:
+        _, info = resolve_encoder(ref, tracking_uri=tracking_uri)
+    run_id, step = str(info.get("mlflow_run_id") or ""), info.get("step")
+    name = experiment = ""
+    if run_id:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            run = MlflowClient(tracking_uri=_tracking_uri(tracking_uri)).get_run(run_id)
+            name, experiment = run.info.run_name or "", run.info.experiment_id
+        except MlflowException:
+            pass
+    return Lineage(ref, str(info.get("kind") or ""), run_id, name, experiment,
+                   None if step is None else int(step), from_scratch)
 
 
 # ---- the kinds --------------------------------------------------------------------------

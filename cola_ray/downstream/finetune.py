@@ -51,6 +51,7 @@ from torch import nn
 
 from cola_ray import console
 from cola_ray.data import audio, pipeline, shards, storage
+from cola_ray.downstream import notes
 from cola_ray.train import cluster, progress
 from cola_ray.train.paths import storage_root
 from cola_ray.model import distributed
@@ -320,6 +321,13 @@ class FinetuneJob:
     info: dict[str, Any]
     """:func:`cola_ray.downstream.encoders.resolve_encoder`'s description of the encoder."""
 
+    def lineage_tags(self, tracking_uri: str) -> dict[str, str]:
+        """The tags of :meth:`cola_ray.downstream.encoders.Lineage.tags` for this job's runs."""
+        from cola_ray.downstream.encoders import lineage
+
+        return lineage(self.settings["encoder_ref"], self.info, tracking_uri=tracking_uri,
+                       from_scratch=bool(self.settings["from_scratch"])).tags()
+
     def with_settings(self, **changes: Any) -> "FinetuneJob":
         return FinetuneJob({**self.settings, **changes}, self.data, self.urls, self.task_name, self.baseline,
                            self.info)
@@ -452,7 +460,7 @@ def finetune(
     run_name = run_name or f"finetune-{job.task_name}-{job.baseline.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = client.create_run(exp_id, run_name=run_name, tags={
         KIND_TAG: "finetune", ENCODER_TAG: encoder_ref, TASK_TAG: job.task_name, BASELINE_TAG: job.baseline,
-        "cola_ray.from_scratch": str(from_scratch).lower(), **dict(tags or {})})
+        "cola_ray.from_scratch": str(from_scratch).lower(), **job.lineage_tags(uri), **dict(tags or {})})
     run_id = run.info.run_id
     status = "FAILED"
     try:
@@ -471,6 +479,7 @@ def finetune(
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+        notes.note_finished(client, run_id)
     metrics = dict(result.metrics or {})
     history = _history(client, run_id)
     return FinetuneResult(run_id, float(metrics["val_accuracy"]), float(metrics["test_accuracy"]),

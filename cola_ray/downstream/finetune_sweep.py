@@ -40,7 +40,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from cola_ray.train import cluster, tracking
 from cola_ray.train.paths import storage_root
-from cola_ray.downstream import finetune
+from cola_ray.downstream import finetune, notes
 from cola_ray.downstream.probe import (BASELINE_TAG, DEFAULT_EXPERIMENT, ENCODER_TAG, KIND_TAG, TASK_TAG, log_metrics,
                             log_params, open_tracking)
 from cola_ray.downstream.tune_runs import PARENT_TAG, SweepResult, TrialRuns, close_children
@@ -116,14 +116,15 @@ def finetune_sweep(
     exp_id = tracking.experiment_id(client, experiment, uri)
     run_name = run_name or (f"sweep-finetune-{job.task_name}-{job.baseline.replace(' ', '-')}-"
                             f"{time.strftime('%Y%m%d-%H%M%S')}")
+    measured = job.lineage_tags(uri)
     parent = client.create_run(exp_id, run_name=run_name, tags={
         KIND_TAG: "sweep", ENCODER_TAG: encoder_ref, TASK_TAG: job.task_name, BASELINE_TAG: job.baseline,
-        "cola_ray.downstream.sweep": "finetune", "cola_ray.from_scratch": str(from_scratch).lower()})
+        "cola_ray.downstream.sweep": "finetune", "cola_ray.from_scratch": str(from_scratch).lower(), **measured})
     parent_id = parent.info.run_id
     max_epochs = max(int(e) for e in epoch_choices)
     space = {"lr": tune.loguniform(*lr_range), "weight_decay": tune.choice(list(weight_decay_choices)),
              "epochs": tune.choice([int(e) for e in epoch_choices]), "batch_size": batch_size, "seed": seed}
-    callback = TrialRuns(uri, exp_id, parent_id, run_name, metrics=TRIAL_METRICS)
+    callback = TrialRuns(uri, exp_id, parent_id, run_name, metrics=TRIAL_METRICS, tags=measured)
     root = storage_root(storage_path)
     trainer = {"name": run_name, "tracking_uri": uri, "storage_path": root, "num_workers": num_workers,
                "use_gpu": use_gpu, "decode_num_cpus": decode_num_cpus}
@@ -179,6 +180,7 @@ def finetune_sweep(
     finally:
         close_children(client, exp_id, parent_id)
         client.set_terminated(parent_id, status=status)
+        notes.note_finished(client, parent_id)
     return SweepResult(parent_id, best_config, best["run_id"], final.val_accuracy, final.test_accuracy,
                        final.per_class, "", trials)
 

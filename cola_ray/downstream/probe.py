@@ -275,9 +275,11 @@ def check_baseline(baseline: str) -> str:
     return baseline
 
 
-def run_tags(kind: str, encoder_ref: str, task_name: str, baseline: str, embeddings: str) -> dict[str, str]:
+def run_tags(kind: str, encoder_ref: str, task_name: str, baseline: str, embeddings: str,
+             lineage: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A probe or sweep run's tags; ``lineage`` is :meth:`cola_ray.downstream.encoders.Lineage.tags`."""
     return {KIND_TAG: kind, ENCODER_TAG: encoder_ref, TASK_TAG: task_name, BASELINE_TAG: baseline,
-            "cola_ray.embeddings": embeddings}
+            "cola_ray.embeddings": embeddings, **dict(lineage or {})}
 
 
 def metric_name(name: str) -> str:
@@ -426,10 +428,12 @@ def probe(
     and the layer. ``standardize`` and ``pooling`` (:data:`POOLINGS`) are protocol options,
     the same for every encoder; the defaults are the paper's.
     """
-    from cola_ray.downstream import embed
+    from cola_ray.downstream import embed, notes
+    from cola_ray.downstream.encoders import lineage
     from cola_ray.train import tracking
 
     baseline = check_baseline(baseline or default_baseline(encoder_ref))
+    measured = lineage(encoder_ref, tracking_uri=tracking_uri)
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,
                              tracking_uri=tracking_uri, **dict(embed_options or {}))
     emb = pool(embed.load_embeddings(path), pooling)
@@ -440,7 +444,7 @@ def probe(
     uri, client = open_tracking(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment, uri)
     run = client.create_run(exp_id, run_name=run_name or f"probe-{name}-{baseline.replace(' ', '-')}",
-                            tags=run_tags("probe", encoder_ref, name, baseline, path))
+                            tags=run_tags("probe", encoder_ref, name, baseline, path, measured.tags()))
     run_id = run.info.run_id
     status = "FAILED"
     try:
@@ -463,6 +467,7 @@ def probe(
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+        notes.note_finished(client, run_id)
     return ProbeResult(run_id, val["accuracy"], test["accuracy"], test["per_class"], path, history)
 
 

@@ -36,8 +36,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from cola_ray.train import cluster, tracking
-from cola_ray.downstream import embed
+from cola_ray.downstream import embed, notes
 from cola_ray.downstream import tune_runs
+from cola_ray.downstream.encoders import lineage
 from cola_ray.train.paths import storage_root
 from cola_ray.downstream.tune_runs import SweepResult, TrialRuns, close_children, trial_table
 from cola_ray.downstream.probe import (
@@ -115,6 +116,7 @@ def sweep(
     evaluated on test once.
     """
     baseline = check_baseline(baseline or default_baseline(encoder_ref))
+    measured = lineage(encoder_ref, tracking_uri=tracking_uri).tags()
     cluster.connect(ray_address)
     path = cached_embeddings(encoder_ref, task, cache_dir=cache_dir, refresh=refresh, use_gpu=use_gpu,
                              tracking_uri=tracking_uri, ray_address=ray_address, **dict(embed_options or {}))
@@ -131,7 +133,7 @@ def sweep(
     uri, client = open_tracking(tracking_uri)
     exp_id = tracking.experiment_id(client, experiment, uri)
     run_name = run_name or f"sweep-{name}-{baseline.replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = client.create_run(exp_id, run_name=run_name, tags=run_tags("sweep", encoder_ref, name, baseline, path))
+    parent = client.create_run(exp_id, run_name=run_name, tags=run_tags("sweep", encoder_ref, name, baseline, path, measured))
     parent_id = parent.info.run_id
     space = {
         "lr": tune.loguniform(*lr_range),
@@ -141,7 +143,7 @@ def sweep(
         "seed": seed,
     }
     max_epochs = max(int(e) for e in epoch_choices)
-    callback = TrialRuns(uri, exp_id, parent_id, run_name)
+    callback = TrialRuns(uri, exp_id, parent_id, run_name, tags=measured)
     status = "FAILED"
     try:
         log_params(client, parent_id, {
@@ -196,5 +198,6 @@ def sweep(
     finally:
         close_children(client, exp_id, parent_id)
         client.set_terminated(parent_id, status=status)
+        notes.note_finished(client, parent_id)
     return SweepResult(parent_id, best_config, best["run_id"], val["accuracy"], test["accuracy"],
                        test["per_class"], path, trials)

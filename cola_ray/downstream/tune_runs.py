@@ -21,12 +21,14 @@ class TrialRuns(tune.Callback):
 
     Params: the trial's config. Metrics: ``metrics`` (default :data:`TRIAL_METRICS`) at
     step = epoch (one report per epoch), one batched call per report. A trial ASHA stops is FINISHED with tag
-    ``cola_ray.early_stopped=true``; a trial that raised is FAILED.
+    ``cola_ray.early_stopped=true``; a trial that raised is FAILED. ``tags`` go on every
+    trial's run (the sweep's :meth:`~cola_ray.downstream.encoders.Lineage.tags`).
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str,
-                 metrics: Sequence[str] = TRIAL_METRICS) -> None:
+                 metrics: Sequence[str] = TRIAL_METRICS, tags: Mapping[str, str] | None = None) -> None:
         self.metrics = tuple(metrics)
+        self.tags = dict(tags or {})
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -51,7 +53,7 @@ class TrialRuns(tune.Callback):
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{self.run_name}-{trial.trial_id}",
-            tags={PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", "cola_ray.trial_id": trial.trial_id},
+            tags={**self.tags, PARENT_TAG: self.parent_run_id, KIND_TAG: "trial", "cola_ray.trial_id": trial.trial_id},
         )
         self.run_ids[trial.trial_id] = run.info.run_id
         log_params(self.client, run.info.run_id, trial.config)

@@ -127,6 +127,9 @@ def test_finetune_learns_and_logs_one_run_with_curves_and_test_once(tuned, tones
     assert tags["cola_ray.task"] == "tones-by-band" and tags["cola_ray.baseline"] == "COLA fine-tuned"
     assert tags["cola_ray.kind"] == "finetune"
     assert params["from_scratch"] == "False" and params["classes"] == "4" and params["epochs"] == "4"
+    # What it measured: the hand-made checkpoint's step (it names no MLflow run, so no run is claimed).
+    assert tags["cola_ray.encoder.kind"] == "checkpoint" and tags["cola_ray.pretrain.step"] == "7"
+    assert "cola_ray.pretrain.run_id" not in tags
     for key in ("train_loss", "epoch_val_accuracy"):
         history = client.get_metric_history(tuned.run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3, 4] and all(np.isfinite(m.value) for m in history)
@@ -159,6 +162,8 @@ def test_supervised_baseline_learns_and_fills_its_report_column(tuned, scratch, 
     run = client.get_run(scratch.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["cola_ray.baseline"] == "supervised" and run.data.params["from_scratch"] == "True"
+    assert run.data.tags["cola_ray.architecture_from"] == "random:test_efficientnet"
+    assert "cola_ray.pretrain.step" not in run.data.tags
     assert scratch.selected_epoch == 4  # select="last"
     # Random weights, trained here: it learns the task too, and the last epoch's saved
     # weights give the reported test accuracy.
@@ -209,6 +214,8 @@ def test_finetune_sweep_learns_selects_on_validation_and_tests_once(tones, check
     trials = [r for r in children if r.data.tags["cola_ray.kind"] == "trial"]
     (selected,) = [r for r in children if r.data.tags["cola_ray.kind"] == "finetune"]
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    for run in (parent, selected, *trials):  # each names the checkpoint's step it measured
+        assert run.data.tags["cola_ray.pretrain.step"] == "7" and run.data.tags["cola_ray.encoder.kind"] == "checkpoint"
 
     # Trials: an epoch_val_accuracy per epoch, and never a test accuracy.
     scores = {}

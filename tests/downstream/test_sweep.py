@@ -98,6 +98,11 @@ def test_sweep_selects_on_validation_and_reports_test_once(swept, store):
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{swept.run_id}'")
     assert len(children) == 4 == len(swept.trials)
     assert {c.info.status for c in children} == {"FINISHED"}
+    # Parent and trials name the encoder they measured; a random init names no pre-training run.
+    for run in (parent, *children):
+        assert run.data.tags["cola_ray.model.encoder"] == "random:test_efficientnet"
+        assert run.data.tags["cola_ray.encoder.kind"] == "random"
+        assert "cola_ray.pretrain.run_id" not in run.data.tags
     for child in children:
         assert not any(k.startswith("test") for k in child.data.metrics), "test is reported once, on the parent"
         history = client.get_metric_history(child.info.run_id, "val_accuracy")

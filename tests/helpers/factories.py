@@ -34,14 +34,16 @@ def labelled_task(root: Path, classes: list[str], *, n_clips: int, name: str, ma
     return root
 
 
-def hand_made_checkpoint(folder: Path) -> str:
-    """A pre-training checkpoint (test_efficientnet, no stochastic depth) as training writes them."""
+def hand_made_checkpoint(folder: Path, *, step: int = 7, mlflow_run_id: str = "") -> str:
+    """A pre-training checkpoint (test_efficientnet, no stochastic depth) as training writes them,
+    at ``step`` of the MLflow run ``mlflow_run_id`` (none by default)."""
     from cola_ray.model.cola import ColaModel
 
     cfg = Config(model=ModelConfig(encoder="test_efficientnet", drop_path_rate=0.0, proj_dim=32))
     torch.manual_seed(1)
     model = ColaModel(cfg.features, cfg.model)
-    return str(save_checkpoint(folder / "checkpoint_000000007", model, None, TrainState(step=7, config=cfg.to_dict())))
+    state = TrainState(step=step, config=cfg.to_dict(), mlflow_run_id=mlflow_run_id)
+    return str(save_checkpoint(folder / f"checkpoint_{step:09d}", model, None, state))
 
 
 def tiny_config(tmp_path: Path, shards_path, tracking_uri: str, *extra: str) -> Config:
