@@ -93,6 +93,13 @@ def resume_skip(epoch_clips: Mapping[str, str] | None, saved_shards: Mapping[str
     return {n: decode(t) for n, t in epoch_clips.items() if n not in changed}
 
 
+def restored_record(epoch_clips: Mapping[str, str] | None) -> dict[str, np.ndarray]:
+    """What the checkpoint's epoch had trained on, per shard ({} if it cannot say): the start
+    of the epoch's record when it is started over (``data.resume_epoch=restart``), so the
+    clips delivered again are counted in ``data/epoch_repeats``."""
+    return {n: decode(t) for n, t in (epoch_clips or {}).items()}
+
+
 # ---- the workers' record ------------------------------------------------------------------
 
 class EpochClips:

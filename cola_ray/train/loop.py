@@ -46,7 +46,7 @@ from cola_ray.data import storage
 from cola_ray.data.pipeline import check_budget, collision_rate
 from cola_ray.model import distributed
 from cola_ray.train import online_eval, progress
-from cola_ray.train.epochs import EpochClips, resume_skip
+from cola_ray.train.epochs import EpochClips, restored_record, resume_skip
 from cola_ray.train.checkpoint import (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CheckpointError, TrainState,
                                        check_resume, checkpoint_folders, load_checkpoint, read_state,
                                        save_checkpoint)
@@ -82,7 +82,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run = loop_config["run"]
     w = set_up(loop_config["config"])
     cfg = w.cfg
-    state, resumed, skip = restore(w, run)
+    state, resumed, skip, record = restore(w, run)
     clips = EpochClips(run.get("shard_names", []), cfg.data.pairs_per_clip)  # exactly-once epochs
     stepper = Stepper(w)
     logger = StepLogger(w, run, resumed)
@@ -97,8 +97,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while not done and state.epoch < cfg.train.epochs:
         # Begin: the epoch's pass leaves out what a restored checkpoint had trained on in it.
-        begin_epoch(w, run.get("ledger"), clips, state.epoch, skip)
-        resuming, skip = bool(skip), {}
+        begin_epoch(w, run.get("ledger"), clips, state.epoch, skip, record)
+        resuming, skip, record = bool(skip), {}, {}
         steps_this_epoch = 0
         t_ready = time.perf_counter()
         for batch in _watched(w.epoch_batches(), cfg.train.step_timeout_s, w.rank, w.world, state):
@@ -279,10 +279,13 @@ class Resumed:
     ray_step: int
 
 
-def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | None, dict[str, np.ndarray]]:
+def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | None, dict[str, np.ndarray],
+                                                      dict[str, np.ndarray]]:
     """The train state to start from, with ``w.core`` and ``w.optimizer`` loaded; ``None``
-    for a fresh start; and the clips the restored epoch had trained on, per shard
-    (:func:`cola_ray.train.epochs.resume_skip`; {} for a fresh start or a fresh epoch).
+    for a fresh start; the clips the restored epoch must not deliver again, per shard
+    (:func:`cola_ray.train.epochs.resume_skip`; {} for a fresh start or a fresh epoch); and
+    what its record starts from (the same, or with ``data.resume_epoch=restart`` all the
+    checkpoint had, so clips delivered twice are counted).
 
     Ray Train's checkpoint, unless the run's folder holds a newer complete one of this
     MLflow run (:func:`_load_newer`); refused by :func:`check_resume` if it would change
@@ -302,28 +305,31 @@ def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | Non
         restored = _load_newer(run["checkpoint_dir"], cfg, w.core, w.optimizer, run["mlflow_run_id"],
                                ray_step) or restored
     skip: dict[str, np.ndarray] = {}
+    record: dict[str, np.ndarray] = {}
     if restored is not None:
         check_resume(restored, cfg, w.world)
         state.step, state.epoch, state.train_seconds = restored.step, restored.epoch, restored.train_seconds
         if "shard_versions" in run:
             skip = resume_skip(restored.epoch_clips, restored.data_shards, run["shard_versions"],
                                cfg.data.resume_epoch, f"the checkpoint of step {restored.step}")
+            record = skip if cfg.data.resume_epoch == "continue" else restored_record(restored.epoch_clips)
     # Every rank must start from the same step (they read the same folders; check it).
     steps = torch.tensor([float(state.step), -float(state.step)], device=w.device)
     if distributed.all_reduce(steps.clone(), op="max").tolist() != steps.tolist():
         raise RuntimeError(f"rank {w.rank} restored step {state.step}, another rank a different one")
-    return state, (Resumed(state.step, ray_step) if restored is not None else None), skip
+    return state, (Resumed(state.step, ray_step) if restored is not None else None), skip, record
 
 
-def begin_epoch(w: Setup, ledger: Any, clips: EpochClips, epoch: int, skip: Mapping[str, np.ndarray]) -> None:
+def begin_epoch(w: Setup, ledger: Any, clips: EpochClips, epoch: int, skip: Mapping[str, np.ndarray],
+                record: Mapping[str, np.ndarray]) -> None:
     """Rank 0 tells the data ledger what this epoch must leave out (``skip``, from a
     restore; {} for a fresh epoch); every rank waits for it before the pass starts, and
-    starts its record of the epoch from ``skip``."""
+    starts its record of the epoch from ``record``."""
     if ledger is not None and w.rank == 0:
         ray.get(ledger.begin.remote(epoch, dict(skip)))
     if ledger is not None:
         distributed.all_reduce(torch.zeros(1, device=w.device))  # a barrier: the ledger is set
-    clips.begin(skip)
+    clips.begin(record)
 
 
 def _load_newer(checkpoint_dir: str, cfg: Config, core: torch.nn.Module, optimizer: torch.optim.Optimizer,
