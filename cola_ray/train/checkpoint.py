@@ -65,6 +65,9 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     """Wall time spent training so far, resumes included (``train.max_minutes`` counts it)."""
+    quarantine: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Shards quarantined so far in the run: name -> ``{"reason", "version"}`` (the manifest
+    entry they failed against); a resumed run skips them until that entry changes."""
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
