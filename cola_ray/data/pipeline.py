@@ -4,7 +4,8 @@ Data workers only read, decode and crop. They never compute features: log-mel ru
 on the training device (on GPU nodes, CPU log-mel would cost ~8 cores per GPU).
 
     shard urls --(random order each epoch)--> decode_and_crop_blocks (Ray tasks, one per shard)
-        --> blocks of rows {"anchor": float32 (S,), "positive": float32 (S,), "clip_id": int (24-bit)},
+        --> blocks of rows {"anchor", "positive": int16 (S,) + "step", "gain": float32 (data.transport=int16;
+            float32 (S,) pairs with transport=float32), "clip_id": int (24-bit)},
             ``data.block_pairs`` rows stacked per block
         --> streaming_split across Ray Train workers --> iter_torch_batches
 
