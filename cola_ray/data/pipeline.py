@@ -328,10 +328,13 @@ def decode_and_crop_blocks(
         return out
 
     try:
-        for key, pairs, gain, step in _pairs(row, data, tally, rng):
+        for key, pairs, gain, step in _pairs(row, data, tally, rng, pcm=int16):
             cid = clip_id(row["shard"], key)
             for anchor, positive in pairs:
-                if int16:
+                if int16 and anchor.dtype == np.int16:  # a cache hit's own samples
+                    cols["step"].append(step)
+                    cols["gain"].append(gain)
+                elif int16:
                     anchor, positive, pair_step, exact = encode_int16(anchor, positive, gain, step)
                     tally.lossy += not exact
                     cols["step"].append(pair_step)
@@ -437,11 +440,13 @@ def batch_dtypes(data: DataConfig) -> dict[str, Any]:
 
 
 def _pairs(
-    row: dict[str, Any], data: DataConfig, tally: ShardTally, rng: np.random.Generator
+    row: dict[str, Any], data: DataConfig, tally: ShardTally, rng: np.random.Generator, pcm: bool = False,
 ) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]], np.float32, np.float32 | None]]:
     """``(key, k pairs, gain, step)`` for every good clip of the shard in ``row``, by the
     configured path. ``gain``: the float32 factor the crops were multiplied by (the L2
-    scale); ``step``: the clip's int16 step where it is known (cache: ``1 / q``), else None."""
+    scale); ``step``: the clip's int16 step where it is known (cache: ``1 / q``), else None.
+    With ``pcm``, cache hits give their int16 crops unscaled (the same draws): pairs whose
+    model input is ``(pcm * step) * gain``, with no float pass over them in the decode task."""
     url, k, n = row["shard"], data.pairs_per_clip, data.segment_samples
     crop = dict(l2_normalize=data.clip_l2_normalize, noise_std=data.positive_noise_std, short=data.short_clips)
     where = dict(endpoint_url=data.s3_endpoint_url, region=data.s3_region)
@@ -456,7 +461,10 @@ def _pairs(
             tally.bad.update(hit.bad)
             for i, key in enumerate(hit.keys):
                 try:
-                    pairs = hit.crop_pairs(i, n, rng, k=k, **crop)
+                    if pcm and hit.lengths[i] >= n and not data.positive_noise_std:  # the cached int16 as is
+                        pairs = hit.pcm_pairs(i, n, rng, k=k)
+                    else:
+                        pairs = hit.crop_pairs(i, n, rng, k=k, **crop)
                 except audio.BadSample as e:
                     tally.bad[e.reason] += 1
                     continue
