@@ -53,6 +53,12 @@ class DataConfig:
     """Pairs a decode task stacks into one Ray Data block ((block_pairs, S) arrays: 64 MB of
     float32 pairs at 512 x 15600): Ray Data's per-block cost (~8 ms) is paid once per block,
     not per pair. Smaller blocks suit a small object store."""
+    transport: str = "int16"
+    """How pairs cross Ray's object store: ``int16`` (half the bytes: PCM + a float32 step and
+    gain per pair, made float32 on the training device; bit-for-bit today's model input for
+    16-bit mono sources at ``sample_rate``, other sources rounded by at most 2^-16 of full scale
+    times the clip's L2 gain, counted as ``data/int16_lossy_pairs``) or ``float32`` (exact for
+    every source; needed for ``positive_noise_std`` > 0)."""
     decode: str = "full"
     """``full``: decode the whole clip, then crop (exact paper semantics). ``seek``: read only
     the crops' frames (WAV / FLAC / Vorbis at ``sample_rate``; other clips fall back to full);
@@ -363,6 +369,11 @@ class Config:
             )
         if t.epochs < 1 and t.max_steps < 1:
             raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
+        if d.transport not in ("int16", "float32"):
+            raise ConfigError(f"data.transport must be 'int16' or 'float32', got {d.transport!r}")
+        if d.transport == "int16" and d.positive_noise_std > 0:
+            raise ConfigError(f"data.positive_noise_std={d.positive_noise_std} needs data.transport=float32 "
+                              "(the noise is added in the decode task; int16 pairs cannot carry it)")
         if m.similarity not in ("bilinear", "cosine"):
             raise ConfigError(f"model.similarity must be 'bilinear' or 'cosine', got {m.similarity!r}")
         if m.bilinear_init not in BILINEAR_INITS:

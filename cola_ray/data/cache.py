@@ -116,6 +116,17 @@ class CachedShard:
             out.append((anchor, audio.add_positive_noise(positive, noise_std, rng)))
         return out
 
+    def pcm_pairs(self, i: int, n: int, rng: np.random.Generator, *, k: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The crops of :meth:`crop_pairs` (same draws, no noise) as the cached int16 samples,
+        for the int16 transport: ``dequantise(pcm, q) * gain`` is what ``crop_pairs`` returns.
+        Clip i must be at least ``n`` long."""
+        o = self.offsets[i]
+        out = []
+        for _ in range(k):
+            a0, p0 = audio.crop_offsets(self.lengths[i], n, rng)
+            out.append((self.pcm[o + a0 : o + a0 + n].copy(), self.pcm[o + p0 : o + p0 + n].copy()))
+        return out
+
 
 class ShardCache:
     """A bounded folder of :class:`CachedShard` entries on this node's local disk."""

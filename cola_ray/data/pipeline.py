@@ -4,8 +4,9 @@ Data workers only read, decode and crop. They never compute features: log-mel ru
 on the training device (on GPU nodes, CPU log-mel would cost ~8 cores per GPU).
 
     shard urls --(random order each epoch)--> decode_and_crop_blocks (Ray tasks, one per shard)
-        --> blocks of rows {"anchor": float32 (S,), "positive": float32 (S,), "clip_id": int (24-bit),
-                            "shard_idx", "sample_idx": int (the clip, exactly)},
+        --> blocks of rows {"anchor", "positive": int16 (S,) + "step", "gain": float32 (data.transport=int16;
+            float32 (S,) pairs with transport=float32), "clip_id": int (24-bit),
+            "shard_idx", "sample_idx": int (the clip, exactly: exactly-once epochs)},
             ``data.block_pairs`` rows stacked per block
         --> streaming_split across Ray Train workers --> iter_torch_batches
 
@@ -32,7 +33,8 @@ from cola_ray.config import DataConfig
 
 @ray.remote(num_cpus=0)
 class SampleCounter:
-    """Good / bad sample tallies of one run, fed by every decode task."""
+    """Good / bad sample tallies of one run, fed by every decode task, and the run's
+    quarantine: shards set aside for the rest of the run (see :func:`quarantine_reason`)."""
 
     def __init__(self) -> None:
         self.good = 0
@@ -40,15 +42,45 @@ class SampleCounter:
         self.bad_by_shard: collections.Counter[str] = collections.Counter()
         self.bad_shards: dict[str, str] = {}
         self.refused: collections.Counter[str] = collections.Counter()
+        self.lossy = 0
+        self.quarantine: dict[str, dict[str, str]] = {}  # shard -> {"reason", "version"}
+        self.reads: collections.Counter[str] = collections.Counter()  # reads of each shard
+        self.skipped = 0  # reads of quarantined shards not made
 
     def add(self, shard: str, good: int, bad: dict[str, int], shard_error: str = "",
-            refused: dict[str, int] | None = None) -> None:
+            refused: dict[str, int] | None = None, lossy: int = 0, version: str = "") -> None:
         self.good += good
+        self.lossy += lossy
+        self.reads[shard] += 1
         self.bad.update(bad)
         self.bad_by_shard[shard] += sum(bad.values())
         if shard_error:
             self.bad_shards[shard] = shard_error
+            self.quarantine[shard] = {"reason": shard_error, "version": version}
         self.refused.update(refused or {})
+
+    def quarantined(self, shard: str, version: str) -> str:
+        """Why ``shard`` is quarantined, or "" if it is not or its manifest entry has changed
+        since (then it leaves the quarantine and is read again)."""
+        entry = self.quarantine.get(shard)
+        if entry is None:
+            return ""
+        if entry["version"] != version:
+            del self.quarantine[shard]
+            self.bad_shards.pop(shard, None)
+            return ""
+        self.skipped += 1
+        return entry["reason"]
+
+    def restore(self, quarantine: dict[str, dict[str, str]]) -> None:
+        """Take over a resumed run's quarantine (from its checkpoint): those shards stay
+        named and counted once (``bad_shard``), and are not read again."""
+        for shard, entry in quarantine.items():
+            if shard not in self.quarantine:
+                self.quarantine[shard] = dict(entry)
+                self.bad_shards[shard] = entry["reason"]
+                self.bad["bad_shard"] += 1
+                self.bad_by_shard[shard] += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -57,6 +89,10 @@ class SampleCounter:
             "worst_shards": self.bad_by_shard.most_common(5),
             "bad_shards": dict(self.bad_shards),
             "refused": dict(self.refused),
+            "int16_lossy_pairs": self.lossy,
+            "quarantine": {k: dict(v) for k, v in self.quarantine.items()},
+            "shard_reads": dict(self.reads),
+            "quarantine_skips": self.skipped,
         }
 
 
@@ -113,6 +149,8 @@ class ShardTally:
     good: int = 0
     bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     error: str = ""
+    lossy: int = 0  # pairs the int16 transport could not carry exactly (see encode_int16)
+    version: str = ""  # the shard's manifest entry (or size) when read: what a quarantine sticks to
     # Members skipped unread although the sample was used: pickle-format ones are worth a look.
     refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -122,8 +160,8 @@ class ShardTally:
         if counter is None:
             return
         try:
-            ray.get(counter.add.remote(self.shard, self.good, dict(self.bad), self.error, dict(self.refused)),
-                    timeout=30)
+            ray.get(counter.add.remote(self.shard, self.good, dict(self.bad), self.error, dict(self.refused),
+                                       self.lossy, self.version), timeout=30)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             logging.getLogger(__name__).warning("could not count shard %s: %s", self.shard, e)
 
@@ -142,7 +180,9 @@ def shard_samples(
     size is known (local files, S3) yields none, one cut mid-stream yields only samples read
     in full, the sample being read when the bytes ran out is never yielded. An altered shard
     of the right size is only caught at its end, after the samples before the alteration.
-    The next read of the shard (next epoch) checks it again. Hostile keys are counted by
+    The run's :class:`SampleCounter` keeps it quarantined: later reads (next epochs, a
+    resume) skip it, unread and uncounted, until its manifest entry changes
+    (:func:`quarantine_reason`). Hostile keys are counted by
     reason; members outside the allowlist are skipped unread, pickle-format ones counted in
     ``tally.refused``. S3 403/404 errors are not quarantined: they propagate, naming the object.
     """
@@ -157,7 +197,7 @@ def shard_samples(
                 yield item
     except shards.ShardError as e:
         tally.bad["bad_shard"] += 1
-        tally.error = str(e)
+        tally.error = str(e)  # "shard <name>: <detail>"; `cola-ray shards verify` prints the same detail
         logging.getLogger(__name__).warning("quarantined shard %s: %s", url, e.detail)
     finally:
         if refused["pickle_member"]:
@@ -249,10 +289,9 @@ def decode_and_crop(
     "positive": (S,) float32, "clip_id": int, "shard_idx": int, "sample_idx": int}``
     (:func:`clip_id`; ``shard_idx`` = ``row["shard_index"]``, the shard's place in the run's
     shard list; ``sample_idx`` = the clip's ordinal among the shard's good clips, stable from
-    read to read: together they name the clip exactly, for exactly-once epochs).
-
-    With a ``ledger`` (:class:`EpochLedger`), the clips it lists for this shard are
-    decoded (their ordinals must stay the same) but not delivered: a resumed epoch's rest.
+    read to read: together they name the clip exactly, for exactly-once epochs). With a
+    ``ledger`` (:class:`EpochLedger`), the clips it lists for this shard are decoded (their
+    ordinals must stay the same) but not delivered: a resumed epoch's rest.
 
     Runs in a Ray Data task. Three paths, chosen by ``data``:
 
@@ -269,12 +308,14 @@ def decode_and_crop(
     """
     data = DataConfig(**cfg)
     tally = ShardTally(os.path.basename(row["shard"]))
+    if quarantine_reason(row["shard"], tally, data, counter):
+        return
     # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
     rng = np.random.default_rng(row.get("seed"))
     shard_idx = int(row.get("shard_index", 0))
     skip = _skip_set(ledger, os.path.basename(row["shard"]))
     try:
-        for ordinal, (key, pairs) in enumerate(_pairs(row, data, tally, rng)):
+        for ordinal, (key, pairs, _, _) in enumerate(_pairs(row, data, tally, rng)):
             if ordinal in skip:  # trained on before the resume, in this same epoch
                 continue
             cid = clip_id(row["shard"], key)
@@ -290,8 +331,16 @@ def decode_and_crop_blocks(
     batch: dict[str, np.ndarray], cfg: dict[str, Any], counter: Any | None = None, ledger: Any | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """:func:`decode_and_crop` for ``map_batches(batch_size=1)``: the shard in ``batch`` ->
-    blocks ``{"anchor": (N, S) float32, "positive": (N, S) float32, "clip_id", "shard_idx",
-    "sample_idx": (N,) int64}`` with N = ``data.block_pairs`` (the last one shorter).
+    blocks of N = ``data.block_pairs`` pairs (the last one shorter), in the wire format of
+    ``data.transport``:
+
+    - ``int16`` (default): ``{"anchor", "positive": (N, S) int16, "step", "gain": (N,) float32,
+      "clip_id": (N,) int64}``; the model input is ``(pcm * step) * gain`` in float32, made on
+      the training device by :func:`model_input` (see :func:`encode_int16` for when it is exact);
+    - ``float32``: ``{"anchor", "positive": (N, S) float32, "clip_id": (N,) int64}``, the model input;
+
+    and in both, ``"shard_idx", "sample_idx": (N,) int64``, the clip exactly (as
+    :func:`decode_and_crop`, which also says what the ``ledger`` does).
 
     Why blocks: a row-at-a-time ``flat_map`` cost Ray Data ~0.13 ms of CPU per pair
     (building blocks out of per-row dicts), as much as decoding when the decode is cheap
@@ -299,34 +348,157 @@ def decode_and_crop_blocks(
     stacking copy (2-core machine, ``benchmarks/pipeline_bench.py``).
     """
     row = {name: column[0] for name, column in batch.items()}
-    n = int(cfg.get("block_pairs", DataConfig.block_pairs))
-    anchors: list[np.ndarray] = []
-    positives: list[np.ndarray] = []
-    ids: list[tuple[int, int, int]] = []  # (clip_id, shard_idx, sample_idx)
+    data = DataConfig(**cfg)
+    n = data.block_pairs
+    int16 = data.transport == "int16"
+    tally = ShardTally(os.path.basename(row["shard"]))
+    if quarantine_reason(row["shard"], tally, data, counter):
+        return
+    rng = np.random.default_rng(row.get("seed"))  # fresh entropy for every read, as decode_and_crop
+    shard_idx = int(row.get("shard_index", 0))
+    skip = _skip_set(ledger, os.path.basename(row["shard"]))
+    cols: dict[str, list] = {name: [] for name in ("anchor", "positive", "clip_id", "step", "gain", "sample_idx")}
 
     def block() -> dict[str, np.ndarray]:
-        cols = np.asarray(ids, np.int64).reshape(-1, 3)
-        return {"anchor": np.stack(anchors), "positive": np.stack(positives), "clip_id": cols[:, 0],
-                "shard_idx": cols[:, 1], "sample_idx": cols[:, 2]}
+        out = {"anchor": np.stack(cols["anchor"]), "positive": np.stack(cols["positive"]),
+               "clip_id": np.asarray(cols["clip_id"], np.int64),
+               "shard_idx": np.full(len(cols["clip_id"]), shard_idx, np.int64),
+               "sample_idx": np.asarray(cols["sample_idx"], np.int64)}
+        if int16:
+            out["step"] = np.asarray(cols["step"], np.float32)
+            out["gain"] = np.asarray(cols["gain"], np.float32)
+        for column in cols.values():
+            column.clear()
+        return out
 
-    for pair in decode_and_crop(row, cfg, counter, ledger):
-        anchors.append(pair["anchor"])
-        positives.append(pair["positive"])
-        ids.append((pair["clip_id"], pair["shard_idx"], pair["sample_idx"]))
-        if len(ids) == n:
+    try:
+        for ordinal, (key, pairs, gain, step) in enumerate(_pairs(row, data, tally, rng, pcm=int16)):
+            if ordinal in skip:  # trained on before the resume, in this same epoch
+                continue
+            cid = clip_id(row["shard"], key)
+            for anchor, positive in pairs:
+                if int16 and anchor.dtype == np.int16:  # a cache hit's own samples
+                    cols["step"].append(step)
+                    cols["gain"].append(gain)
+                elif int16:
+                    anchor, positive, pair_step, exact = encode_int16(anchor, positive, gain, step)
+                    tally.lossy += not exact
+                    cols["step"].append(pair_step)
+                    cols["gain"].append(gain)
+                cols["anchor"].append(anchor)
+                cols["positive"].append(positive)
+                cols["clip_id"].append(cid)
+                cols["sample_idx"].append(ordinal)
+                if len(cols["clip_id"]) == n:
+                    yield block()
+            tally.good += 1
+        if cols["clip_id"]:
             yield block()
-            anchors, positives, ids = [], [], []
-    if ids:
-        yield block()
+    finally:
+        if tally.lossy:
+            logging.getLogger(__name__).warning(
+                "shard %s: %d pairs are not 16-bit PCM (24-bit / float source, resampled or down-mixed); "
+                "int16 transport rounded them by at most half an int16 step x the clip's gain "
+                "(data.transport=float32 keeps them exact)", tally.shard, tally.lossy)
+        tally.report(counter)
+
+
+def quarantine_reason(url: str, tally: ShardTally, data: DataConfig, counter: Any | None) -> str:
+    """Why the shard at ``url`` is quarantined in this run ("" if it is not): a shard that
+    failed once is skipped for the rest of the run, resumes included (the checkpoint keeps
+    the quarantine), until its manifest entry (sha256 + size; the file's size for a shard
+    without one) changes. Sets ``tally.version`` for the read that follows. One actor call
+    per shard read; without a counter (tests, benchmarks) nothing is quarantined."""
+    try:
+        entry = shards.manifest_entry(url, data.s3_endpoint_url, data.s3_region)
+        tally.version = (f"sha256={entry['sha256']} bytes={entry['bytes']}" if entry is not None
+                         else f"bytes={storage.file_size(url, data.s3_endpoint_url, data.s3_region)}")
+    except (shards.ShardError, OSError):  # the read will say what is wrong
+        tally.version = ""
+    if counter is None:
+        return ""
+    try:
+        reason = ray.get(counter.quarantined.remote(tally.shard, tally.version), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return ""
+    if reason:
+        logging.getLogger(__name__).info("skipping quarantined shard %s: %s", url, reason)
+    return reason
+
+
+STEP_16BIT = np.float32(2.0 ** -15)
+"""The int16 step of a 16-bit source as soundfile decodes it: float sample = int16 / 32768."""
+
+
+def encode_int16(
+    anchor: np.ndarray, positive: np.ndarray, gain: np.float32, step: np.float32 | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.float32, bool]:
+    """One float32 pair (each (S,), already multiplied by ``gain``) -> ``(anchor int16,
+    positive int16, step, exact)`` such that ``float32(float32(pcm * step) * gain)`` is the pair.
+
+    ``step``: the clip's int16 step where it is known (the cache's ``1 / q``); otherwise
+    2^-15, the step of 16-bit sources (peak above full scale: ``peak / 32767``). ``exact``:
+    the decoded pair equals the input bit for bit. It always does for 16-bit mono sources at
+    the target rate (the full and seek paths) and on the cache path; for other sources
+    (24-bit or float, resampled, down-mixed stereo) each sample is off by at most half a step
+    times the gain, ``0.502 * 2^-15 * gain`` (1/65536 of full scale before the L2 gain, as the
+    cache already rounds; 0.502 because the rounding is done in float32), plus one float32
+    rounding of the sample.
+    """
+    known = step is not None
+    if step is None:
+        peak = max(float(np.abs(anchor).max()), float(np.abs(positive).max())) / float(gain)
+        step = STEP_16BIT if peak <= 1.0 else np.float32(peak / 32767.0)
+    inv = 1.0 / (float(step) * float(gain))
+    pcm = []
+    exact = True
+    for x in (anchor, positive):
+        q = np.clip(np.rint(x * np.float32(inv)), -32768, 32767).astype(np.int16)
+        if not known:  # the cache's step recovers its samples by construction; others are checked
+            exact = exact and np.array_equal((q.astype(np.float32) * step) * gain, x)
+        pcm.append(q)
+    return pcm[0], pcm[1], np.float32(step), exact
+
+
+def model_input(batch: dict[str, Any]) -> tuple[Any, Any]:
+    """A training batch from :func:`read_pairs` -> ``(anchor, positive)`` float32 (B, S) each,
+    on the batch's device: int16 pairs become ``(pcm * step) * gain`` (two float32 multiplies,
+    the same two roundings as the decode task's crops, hence the same bits); float32 pairs
+    pass through."""
+    import torch
+
+    anchor, positive = batch["anchor"], batch["positive"]
+    if anchor.dtype != torch.int16:
+        return anchor, positive
+    step, gain = batch["step"][:, None], batch["gain"][:, None]  # (B, 1)
+    return (anchor.to(torch.float32) * step) * gain, (positive.to(torch.float32) * step) * gain
+
+
+def batch_dtypes(data: DataConfig) -> dict[str, Any]:
+    """``iter_torch_batches(dtypes=...)`` for :func:`read_pairs`'s columns (clip ids as float32,
+    exact at 24 bits)."""
+    import torch
+
+    wave = torch.int16 if data.transport == "int16" else torch.float32
+    out = {"anchor": wave, "positive": wave, "clip_id": torch.float32, "shard_idx": torch.int64,
+           "sample_idx": torch.int64}
+    if data.transport == "int16":
+        out.update(step=torch.float32, gain=torch.float32)
+    return out
 
 
 def _pairs(
-    row: dict[str, Any], data: DataConfig, tally: ShardTally, rng: np.random.Generator
-) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]:
-    """``(key, k pairs)`` for every good clip of the shard in ``row``, by the configured path."""
+    row: dict[str, Any], data: DataConfig, tally: ShardTally, rng: np.random.Generator, pcm: bool = False,
+) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]], np.float32, np.float32 | None]]:
+    """``(key, k pairs, gain, step)`` for every good clip of the shard in ``row``, by the
+    configured path. ``gain``: the float32 factor the crops were multiplied by (the L2
+    scale); ``step``: the clip's int16 step where it is known (cache: ``1 / q``), else None.
+    With ``pcm``, cache hits give their int16 crops unscaled (the same draws): pairs whose
+    model input is ``(pcm * step) * gain``, with no float pass over them in the decode task."""
     url, k, n = row["shard"], data.pairs_per_clip, data.segment_samples
     crop = dict(l2_normalize=data.clip_l2_normalize, noise_std=data.positive_noise_std, short=data.short_clips)
     where = dict(endpoint_url=data.s3_endpoint_url, region=data.s3_region)
+    one = np.float32(1.0)
     if data.cache_dir:
         from cola_ray.data.cache import ShardCache
 
@@ -337,40 +509,50 @@ def _pairs(
             tally.bad.update(hit.bad)
             for i, key in enumerate(hit.keys):
                 try:
-                    yield key, hit.crop_pairs(i, n, rng, k=k, **crop)
+                    if pcm and hit.lengths[i] >= n and not data.positive_noise_std:  # the cached int16 as is
+                        pairs = hit.pcm_pairs(i, n, rng, k=k)
+                    else:
+                        pairs = hit.crop_pairs(i, n, rng, k=k, **crop)
                 except audio.BadSample as e:
                     tally.bad[e.reason] += 1
+                    continue
+                gain = np.float32(hit.inv_norms[i]) if data.clip_l2_normalize else one
+                yield key, pairs, gain, np.float32(1.0 / hit.scales[i])
             return
         crop_bad: collections.Counter[str] = collections.Counter()  # re-counted on every hit
         with cache.writer(name) as writer:
             for key, _, wave in decoded_clips(url, data.sample_rate, tally, **where):
                 clip = writer.add(key, wave)
+                gains: list = []
                 try:
-                    pairs = [audio.crop_pair(clip, n, rng, **crop, name=key) for _ in range(k)]
+                    pairs = [audio.crop_pair(clip, n, rng, **crop, name=key, gains=gains) for _ in range(k)]
                 except audio.BadSample as e:
                     tally.bad[e.reason] += 1
                     crop_bad[e.reason] += 1
                     continue
-                yield key, pairs
+                yield key, pairs, gains[0], np.float32(1.0 / writer.clips[-1][3])
             if not tally.error:  # a shard that broke mid-read (maybe a transient S3 error) is not kept
                 writer.commit(dict(tally.bad - crop_bad))
         return
     if data.decode == "seek":
         for key, _, raw in raw_clips(url, tally, **where):
+            gains = []
             try:
-                pairs = audio.seek_crop_pairs(raw, n, rng, k=k, target_rate=data.sample_rate, **crop, name=key)
+                pairs = audio.seek_crop_pairs(raw, n, rng, k=k, target_rate=data.sample_rate, **crop, name=key,
+                                              gains=gains)
             except audio.BadSample as e:
                 tally.bad[e.reason] += 1
                 continue
-            yield key, pairs
+            yield key, pairs, gains[0], None
         return
     for key, _, wave in decoded_clips(url, data.sample_rate, tally, **where):
+        gains = []
         try:
-            pairs = [audio.crop_pair(wave, n, rng, **crop, name=key) for _ in range(k)]
+            pairs = [audio.crop_pair(wave, n, rng, **crop, name=key, gains=gains) for _ in range(k)]
         except audio.BadSample as e:
             tally.bad[e.reason] += 1
             continue
-        yield key, pairs
+        yield key, pairs, gains[0], None
 
 
 def _shard_version(row: dict[str, Any], data: DataConfig) -> str:
@@ -401,6 +583,7 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
     (:class:`EpochLedger`) the clips it lists are left out of the pass. Fails fast, naming
     the path, when no shard is found.
     """
+    check_transport(data)
     urls = urls if urls is not None else list_shards(data)
     if not urls:
         raise FileNotFoundError(f"no *.tar shards found at {data.shards!r}")
@@ -431,9 +614,19 @@ def read_pairs(data: DataConfig, counter: Any | None = None, urls: list[str] | N
     # otherwise concatenate yields up to its 128 MiB target (a copy of every pair) or
     # slice them. Ray Data pays ~8 ms per block on top of ~0.02 ms per pair (measured),
     # hence blocks of hundreds of pairs. This context is this dataset's own copy.
-    block_bytes = data.block_pairs * (2 * data.segment_samples * 4 + 3 * 8)
+    block_bytes = data.block_pairs * (2 * data.segment_samples * (2 if data.transport == "int16" else 4) + 32)
     ds.context.target_max_block_size = max(1, int(0.75 * block_bytes))
     return ds
+
+
+def check_transport(data: DataConfig) -> None:
+    """Raise ValueError for a ``data.transport`` that cannot carry the configured pairs."""
+    if data.transport not in ("int16", "float32"):
+        raise ValueError(f"data.transport must be 'int16' or 'float32', got {data.transport!r}")
+    if data.transport == "int16" and data.positive_noise_std > 0:
+        raise ValueError(
+            f"data.positive_noise_std={data.positive_noise_std} adds float noise in the decode task, "
+            "which int16 pairs cannot carry; set data.transport=float32")
 
 
 def _plain(data: DataConfig) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class TrainState:
     :mod:`cola_ray.train.epochs`); None in checkpoints from before exactly-once epochs."""
     data_shards: dict[str, str] | None = None
     """The run's shards: file name -> manifest sha256 ("" without a manifest)."""
+    quarantine: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Shards quarantined so far in the run: name -> ``{"reason", "version"}`` (the manifest
+    entry they failed against); a resumed run skips them until that entry changes."""
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

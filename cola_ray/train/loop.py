@@ -43,7 +43,7 @@ import torch
 
 from cola_ray.config import Config
 from cola_ray.data import storage
-from cola_ray.data.pipeline import check_budget, collision_rate
+from cola_ray.data.pipeline import batch_dtypes, check_budget, collision_rate, model_input
 from cola_ray.model import distributed
 from cola_ray.train import online_eval, progress
 from cola_ray.train.epochs import EpochClips, restored_record, resume_skip
@@ -89,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()  # one monitor per node (local rank 0): system/node_<rank>/...
     system = start_system_metrics(run["tracking_uri"], run["mlflow_run_id"], cfg,
                                   node_rank=ctx.get_node_rank(), local_rank=ctx.get_local_rank())
-    checkpointer = Checkpointer(w, logger.spool, state.step, clips)
+    checkpointer = Checkpointer(w, logger.spool, state.step, clips, run.get("counter"))
     clock = Clock(w, state)
     evaluator = _evaluator(w)  # world rank 0 only, with eval.every_steps and eval.mode=inline
     done = ((cfg.train.max_steps > 0 and state.step >= cfg.train.max_steps)
@@ -174,12 +174,13 @@ class Setup:
         return self.device.type == "cuda"
 
     def epoch_batches(self) -> Iterable[dict[str, torch.Tensor]]:
-        """One pass over this worker's split: ``{"anchor", "positive": (B_local, S), "clip_id"}``."""
+        """One pass over this worker's split: ``{"anchor", "positive": (B_local, S), "clip_id"}``
+        (+ ``"step", "gain"`` with int16 pairs; :func:`model_input` makes them float32 here)."""
         return self.shard.iter_torch_batches(
             batch_size=self.cfg.per_worker_batch,
             drop_last=True,  # every rank must take the same number of steps
             local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
-            dtypes=torch.float32,
+            dtypes=batch_dtypes(self.cfg.data),
             device=self.device,
             prefetch_batches=self.cfg.train.prefetch_batches,
             pin_memory=self.on_gpu and self.cfg.train.pin_memory,
@@ -309,6 +310,10 @@ def restore(w: Setup, run: Mapping[str, Any]) -> tuple[TrainState, Resumed | Non
     if restored is not None:
         check_resume(restored, cfg, w.world)
         state.step, state.epoch, state.train_seconds = restored.step, restored.epoch, restored.train_seconds
+        state.quarantine = dict(restored.quarantine)
+        if w.rank == 0 and restored.quarantine and run.get("counter") is not None:
+            # Before the all-reduce below, so no rank reads data before the quarantine is back.
+            ray.get(run["counter"].restore.remote(restored.quarantine), timeout=60)
         if "shard_versions" in run:
             skip = resume_skip(restored.epoch_clips, restored.data_shards, run["shard_versions"],
                                cfg.data.resume_epoch, f"the checkpoint of step {restored.step}")
@@ -390,7 +395,8 @@ class Stepper:
         # The configured rates, not the restored groups' (a resume may change train.lr).
         for group, base in zip(w.optimizer.param_groups, (w.cfg.train.lr, w.cfg.train.bilinear_lr)):
             group["lr"] = base * factor
-        anchor, positive, keep = batch["anchor"], batch["positive"], None  # (B_local, S) each
+        # int16 pairs become float32 on the training device (half the object-store bytes).
+        (anchor, positive), keep = model_input(batch), None  # (B_local, S) float32 each
         if self.augment.active:
             gen = self.augment.generator(w.cfg.train.seed, w.rank, step, w.device)
             anchor, positive = self.augment.waves(anchor, positive, gen)
@@ -608,6 +614,8 @@ def _sample_metrics(snap: dict[str, Any]) -> dict[str, float]:
     out.update({f"data/bad_{reason}": float(n) for reason, n in bad.items()})
     out.update({f"data/refused_{kind}": float(n) for kind, n in snap.get("refused", {}).items()})
     out["data/quarantined_shards"] = float(len(snap.get("bad_shards", {})))
+    out["data/int16_lossy_pairs"] = float(snap.get("int16_lossy_pairs", 0))
+    out["data/quarantine_skips"] = float(snap.get("quarantine_skips", 0))  # reads of quarantined shards not made
     return out
 
 
@@ -682,8 +690,9 @@ class Checkpointer:
     (a barrier); with ``tracking.log_checkpoints`` rank 0's spool copies it to MLflow.
     Remembers the last step saved, so the finish saves only a step not saved yet."""
 
-    def __init__(self, w: Setup, spool: SpooledLogger | None, step: int, clips: EpochClips) -> None:
-        self.w, self.spool, self.clips = w, spool, clips
+    def __init__(self, w: Setup, spool: SpooledLogger | None, step: int, clips: EpochClips,
+                 counter: Any | None = None) -> None:
+        self.w, self.spool, self.clips, self.counter = w, spool, clips, counter
         self.last_step = step
 
     def save(self, state: TrainState, validate: bool = False) -> None:
@@ -698,6 +707,9 @@ class Checkpointer:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         validation = ray.train.ValidationTaskConfig(fn_kwargs={"step": state.step}) if validate else False
+        snap = _snapshot(self.counter) if self.counter is not None else None
+        if snap is not None:  # the run's quarantine goes with the checkpoint (lost counter: the last one kept)
+            state.quarantine = snap.get("quarantine", state.quarantine)
         with tempfile.TemporaryDirectory(prefix="cola-ckpt-") as tmp:
             save_checkpoint(tmp, w.core, w.optimizer, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),

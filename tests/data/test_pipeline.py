@@ -52,7 +52,8 @@ def test_pairs_come_from_one_clip_and_change_every_epoch(ray_local, tone_shards)
         by_clip = {}
         for row in rows:
             assert row["anchor"].shape == (SEG,) and row["positive"].shape == (SEG,)
-            assert row["anchor"].dtype == np.float32
+            # data.transport=int16: PCM + the float32 step and L2 gain the training device applies.
+            assert row["anchor"].dtype == np.int16 and row["step"] > 0 and row["gain"] > 0
             fa, fp = peak_hz(row["anchor"]), peak_hz(row["positive"])
             assert abs(fa - fp) < 3, "anchor and positive come from different clips"
             by_clip[round(fa / 150)] = row["anchor"]

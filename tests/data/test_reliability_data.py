@@ -182,6 +182,49 @@ def test_a_truncated_shard_is_quarantined_in_a_pipeline_run(ray_local, built, tm
     assert list(snap["bad_shards"]) == [bad.name] and "the manifest says" in snap["bad_shards"][bad.name]
 
 
+@pytest.mark.slow
+def test_a_quarantined_shard_is_read_once_per_run_resumes_included(ray_local, built, tmp_path):
+    """Row 8b: a shard that failed is skipped (unread, uncounted) in later epochs and, from
+    the quarantine its checkpoint keeps, after a resume; a changed manifest entry lifts it.
+    ``cola-ray shards verify`` gives the same reason."""
+    import ray
+
+    from cola_ray.config import DataConfig
+    from cola_ray.data.pipeline import SampleCounter, read_pairs
+
+    work = tmp_path / "shards"
+    shutil.copytree(built, work)
+    manifest = shards.read_manifest(str(work))
+    bad = work / manifest["shards"][1]["name"]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    cfg = DataConfig(shards=str(work), decode_num_cpus=0.5, segment_samples=3200, block_pairs=2)
+    good = sum(s["samples"] for i, s in enumerate(manifest["shards"]) if i != 1)
+    counter = SampleCounter.remote()
+    ds = read_pairs(cfg, counter)
+    for _ in range(3):  # three epochs
+        assert len(list(ds.iter_rows())) == good
+    snap = ray.get(counter.snapshot.remote())
+    assert snap["shard_reads"][bad.name] == 1 and snap["quarantine_skips"] == 2
+    assert snap["bad"] == {"bad_shard": 1} and snap["good"] == 3 * good
+    reason = snap["bad_shards"][bad.name]
+    [problem] = shards.verify_shards(str(work))  # the same words
+    assert problem.shard == str(bad) and reason == f"shard {bad.name}: {problem.problem}"
+    # A resume: a new run's counter takes over the checkpoint's quarantine (TrainState.quarantine).
+    resumed = SampleCounter.remote()
+    ray.get(resumed.restore.remote(snap["quarantine"]))
+    assert len(list(read_pairs(cfg, resumed).iter_rows())) == good
+    after = ray.get(resumed.snapshot.remote())
+    assert bad.name not in after["shard_reads"] and after["bad"] == {"bad_shard": 1}
+    assert after["bad_shards"] == {bad.name: reason}
+    # The shard is rebuilt (its manifest entry changes): read again.
+    bad.write_bytes((built / bad.name).read_bytes() + bytes(512))  # a valid tar, other bytes
+    manifest["shards"][1].update(bytes=bad.stat().st_size, sha256=hashlib.sha256(bad.read_bytes()).hexdigest())
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    assert len(list(read_pairs(cfg, resumed).iter_rows())) == good + manifest["shards"][1]["samples"]
+    fixed = ray.get(resumed.snapshot.remote())
+    assert fixed["shard_reads"][bad.name] == 1 and bad.name not in fixed["bad_shards"]
+
+
 # ---- row 9: pickles in shards ------------------------------------------------------------
 
 class _Payload:

@@ -15,6 +15,7 @@ import tarfile
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from cola_ray.data import audio, cache, pipeline
 from cola_ray.config import DataConfig
@@ -125,7 +126,7 @@ def test_blocks_hold_the_same_pairs_as_rows(tmp_path):
     """``read_pairs`` runs ``decode_and_crop_blocks``: the rows of ``decode_and_crop`` for
     the same seed, stacked ``block_pairs`` at a time (the last block shorter)."""
     url = write_shard(tmp_path / "s.tar", {f"c{j}": ("flac", encode(clip(seed=j), "FLAC", "PCM_16")) for j in range(4)})
-    cfg = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=3))
+    cfg = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=3, transport="float32"))
     rows = list(pipeline.decode_and_crop({"shard": url, "seed": 3}, cfg))
     blocks = list(pipeline.decode_and_crop_blocks({"shard": np.array([url]), "seed": np.array([3])}, cfg))
     assert [len(b["clip_id"]) for b in blocks] == [3, 3, 2]
@@ -158,6 +159,75 @@ def test_collision_rate_on_hand_made_ids():
     assert pipeline.collision_rate([1, 2, 1, 2, 3, 4, 5, 6]) == 0.5
     assert pipeline.collision_rate([]) == 0.0
     assert pipeline.collision_rate(torch.tensor([5.0, 5.0, 6.0, 8.0])) == 0.5  # float32 batches
+
+
+# ---- int16 transport --------------------------------------------------------------------------
+
+def _model_inputs(url: str, cfg: dict, seed: int = 3) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """What the training loop feeds the model: blocks -> torch batches -> ``model_input``."""
+    data = DataConfig(**cfg)
+    dtypes = pipeline.batch_dtypes(data)
+    anchors, positives = [], []
+    for b in pipeline.decode_and_crop_blocks({"shard": np.array([url]), "seed": np.array([seed])}, cfg):
+        batch = {k: torch.as_tensor(v, dtype=dtypes[k]) for k, v in b.items()}
+        a, p = pipeline.model_input(batch)
+        anchors.append(a)
+        positives.append(p)
+    return torch.cat(anchors), torch.cat(positives)
+
+
+@pytest.mark.parametrize("path", [{}, {"decode": "seek"}, {"cache_dir": "CACHE"}, {"short_clips": "pad", "segment_samples": 60000}])
+@pytest.mark.parametrize("suffix,fmt", [("flac", "FLAC"), ("wav", "WAV")])
+def test_int16_transport_gives_the_float32_model_input_bit_for_bit_on_16_bit_sources(tmp_path, path, suffix, fmt):
+    url = write_shard(tmp_path / "s.tar", {f"c{j}": (suffix, encode(clip(seed=j), fmt, "PCM_16")) for j in range(3)})
+    path = {k: (str(tmp_path / "cache") if v == "CACHE" else v) for k, v in path.items()}
+    base = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=4, **path))
+    for _ in range(2 if path.get("cache_dir") else 1):  # the cache: a miss, then a hit
+        a32, p32 = _model_inputs(url, {**base, "transport": "float32"})
+        a16, p16 = _model_inputs(url, {**base, "transport": "int16"})
+        assert a32.dtype == a16.dtype == torch.float32 and a16.shape == (6, base["segment_samples"])
+        assert torch.equal(a16, a32) and torch.equal(p16, p32)
+    blocks = list(pipeline.decode_and_crop_blocks({"shard": np.array([url]), "seed": np.array([3])}, base))
+    assert blocks[0]["anchor"].dtype == np.int16  # half the bytes of float32 pairs
+    assert blocks[0]["anchor"].nbytes * 2 == a32[:4].numpy().nbytes
+
+
+@pytest.mark.parametrize("subtype,channels,rate", [("PCM_24", 1, RATE), ("FLOAT", 1, RATE), ("PCM_16", 2, RATE),
+                                                   ("PCM_16", 1, 22050)])
+def test_int16_transport_rounds_other_sources_within_the_bound_and_counts_them(tmp_path, monkeypatch, subtype,
+                                                                              channels, rate):
+    """24-bit / float sources, down-mixed stereo, resampled clips: off by at most ~half a step
+    x the gain (0.502: the rounding is done in float32), every such pair counted as ``lossy``."""
+    fmt = "WAV" if subtype == "FLOAT" else "FLAC"
+    url = write_shard(tmp_path / "s.tar", {f"c{j}": ("flac" if fmt == "FLAC" else "wav",
+                                                    encode(clip(seed=j, channels=channels), fmt, subtype, rate))
+                                          for j in range(3)})
+    base = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=4))
+    a32, p32 = _model_inputs(url, {**base, "transport": "float32"})
+    a16, p16 = _model_inputs(url, {**base, "transport": "int16"})
+    gain = torch.as_tensor(np.concatenate([b["gain"] for b in pipeline.decode_and_crop_blocks(
+        {"shard": np.array([url]), "seed": np.array([3])}, base)]))[:, None]
+    bound = 0.502 * 2.0 ** -15 * gain + torch.finfo(torch.float32).eps * a32.abs()
+    assert ((a16 - a32).abs() <= bound).all() and ((p16 - p32).abs() <= bound).all()
+    assert not torch.equal(a16, a32)
+    reported = []
+    monkeypatch.setattr(pipeline.ray, "get", lambda ref, timeout=None: None)
+    method = lambda f: type("Method", (), {"remote": staticmethod(f)})  # noqa: E731  (an actor method's .remote)
+    counter = type("Counter", (), {"add": method(lambda *a: reported.append(a)), "quarantined": method(lambda *a: "")})
+    list(pipeline.decode_and_crop_blocks({"shard": np.array([url]), "seed": np.array([3])}, base, counter))
+    assert reported[0][5] == 6  # SampleCounter.add(shard, good, bad, error, refused, lossy)
+
+
+def test_int16_transport_refuses_positive_noise():
+    from cola_ray.config import Config, ConfigError
+
+    with pytest.raises(ValueError, match="transport=float32"):
+        pipeline.check_transport(DataConfig(positive_noise_std=0.001))
+    pipeline.check_transport(DataConfig(positive_noise_std=0.001, transport="float32"))
+    with pytest.raises(ConfigError, match="transport"):
+        Config.from_dict({"data": {"positive_noise_std": 0.001}}).validate()
+    with pytest.raises(ConfigError, match="transport"):
+        Config.from_dict({"data": {"transport": "int8"}}).validate()
 
 
 def test_clip_ids_are_exact_in_float32():
@@ -288,7 +358,7 @@ def test_read_pairs_with_seek_and_with_cache(ray_local, tmp_path):
         rows = list(ds.iter_rows())
         assert len(rows) == 12, kw
         for r in rows:
-            assert r["anchor"].shape == (SEG,) and r["positive"].shape == (SEG,) and r["anchor"].dtype == np.float32
+            assert r["anchor"].shape == (SEG,) and r["positive"].shape == (SEG,) and r["anchor"].dtype == np.int16  # data.transport=int16
         assert len({r["clip_id"] for r in rows}) == 6
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 

@@ -27,13 +27,16 @@ def test_restored_weights_and_optimizer_state_are_bitwise_and_the_next_step_is_t
     opt = make_optimizer(model, cfg)
     for s in range(3):
         step(model, opt, s)
-    folder = save_checkpoint(tmp_path / "checkpoint_000000003", model, opt, TrainState(step=3, train_seconds=1.5))
+    quarantine = {"shard-000001.tar": {"reason": "size is 10 bytes, the manifest says 20 (truncated or replaced)",
+                                       "version": "sha256=ab bytes=20"}}
+    folder = save_checkpoint(tmp_path / "checkpoint_000000003", model, opt,
+                             TrainState(step=3, train_seconds=1.5, quarantine=quarantine))
 
     torch.manual_seed(123)  # another init: everything must come from the checkpoint
     restored = ColaModel(cfg.features, cfg.model)
     ropt = make_optimizer(restored, cfg)
     state = load_checkpoint(folder, restored, ropt)
-    assert (state.step, state.train_seconds) == (3, 1.5)
+    assert (state.step, state.train_seconds, state.quarantine) == (3, 1.5, quarantine)  # the run's quarantine too
     for (name, a), (_, b) in zip(model.state_dict().items(), restored.state_dict().items()):
         assert torch.equal(a, b), name  # running statistics of batch and log-mel norm included
     want, got = opt.state_dict(), ropt.state_dict()

@@ -77,21 +77,33 @@ def test_pretrain_learns_logs_and_resumes(ray_local, corpus_shards, tmp_path, ml
 
 def test_a_quarantined_shard_is_named_in_the_mlflow_run(ray_local, tmp_path):
     """One of three shards is cut short: training goes on with the others, and the run says
-    which shard was set aside and why (a tag), and how many (a metric), not only a count."""
+    which shard was set aside and why (a tag), and how many (a metric), not only a count.
+    It is read once: later epochs skip it, and so does a resume (the checkpoint keeps it)."""
+    import json
+
     make_shards(tmp_path, n_clips=24, seconds=2.0, seed=3, max_samples=8)
     victim = sorted((tmp_path / "shards").glob("*.tar"))[1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny(tmp_path, tmp_path / "shards", uri, "name=quarantine", "train.batch_size=8", "train.max_steps=4",
-               "data.pairs_per_clip=2",
-               "train.compile=eager")  # and the compiled step runs under DDP
-    result = fit(cfg, echo=lambda *_: None)
+    args = ("name=quarantine", "train.batch_size=8", "data.pairs_per_clip=2",
+            "train.compile=eager")  # and the compiled step runs under DDP
+    result = fit(tiny(tmp_path, tmp_path / "shards", uri, *args, "train.max_steps=12"), echo=lambda *_: None)
     run = MlflowClient(uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert victim.name in run.data.tags["cola_ray.quarantined_shards"]
     assert "manifest" in run.data.tags["cola_ray.quarantined_shards"]
     assert run.data.metrics["data/quarantined_shards"] == 1.0
-    assert run.data.metrics["data/bad_bad_shard"] >= 1.0
+    assert run.data.metrics["data/bad_bad_shard"] == 1.0  # 3 epochs (4 steps each), counted once
+    assert run.data.metrics["data/quarantine_skips"] >= 1.0
+    state = json.loads(open(os.path.join(result.checkpoint, "state.json")).read())
+    assert list(state["quarantine"]) == [victim.name]
+    again = fit(tiny(tmp_path, tmp_path / "shards", uri, *args, "resume=true", "train.max_steps=20"),
+                echo=lambda *_: None)
+    assert again.resumed and again.mlflow_run_id == result.mlflow_run_id
+    metrics = {m: [x.value for x in MlflowClient(uri).get_metric_history(again.mlflow_run_id, m)]
+               for m in ("data/bad_bad_shard", "data/quarantine_skips")}
+    assert set(metrics["data/bad_bad_shard"]) == {1.0}  # never read (and counted) again
+    assert metrics["data/quarantine_skips"][-1] >= 1.0  # the resumed run skipped it
 
 
 def test_a_time_budget_stops_every_worker_together_and_counts_across_resumes(ray_local, corpus_shards, tmp_path,

@@ -78,7 +78,7 @@ def iter_samples(
     if expected is not None:
         size = storage.stream_size(stream)
         if size is not None and size != expected["bytes"]:
-            raise ShardError(shard_name, f"{size} bytes, the manifest says {expected['bytes']} (truncated or replaced)")
+            raise ShardError(shard_name, size_problem(size, expected["bytes"]))
         stream = hashing = _Hashing(stream)
     try:
         source = _TarSource(stream)
@@ -152,6 +152,12 @@ def iter_samples(
         _check_against_manifest(shard_name, hashing, n_done + (key is not None), expected)
     if key is not None:
         yield finished()
+
+
+def size_problem(size: int, expected: int) -> str:
+    """The words for a shard whose size is not its manifest's, in the pipeline's quarantine
+    and in ``cola-ray shards verify`` alike."""
+    return f"size is {size} bytes, the manifest says {expected} (truncated or replaced)"
 
 
 def _check_against_manifest(shard_name: str, hashing: _Hashing, samples: int, expected: Mapping[str, Any]) -> None:
