@@ -10,6 +10,8 @@ rewrites again if a run that finished meanwhile is missing. Text outside the sec
 
 from __future__ import annotations
 
+import random
+import time
 import warnings
 from typing import Any
 
@@ -20,7 +22,7 @@ BEGIN = "<!-- cola-ray: downstream runs (rewritten by cola-ray; edit outside thi
 END = "<!-- cola-ray: end of downstream runs -->"
 LISTED_KINDS = ("probe", "sweep", "finetune")
 """Runs with a headline result; sweep trials and reports are left out of the note."""
-ATTEMPTS = 3
+ATTEMPTS = 6
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
@@ -72,14 +74,27 @@ def replace_section(note: str, section: str) -> str:
 
 
 def update_note(client: Any, pretrain_run_id: str) -> str:
-    """Rewrite the pre-training run's downstream section from the store; returns the note."""
-    for _ in range(ATTEMPTS):
-        section = render(downstream_runs(client, pretrain_run_id))
-        note = client.get_run(pretrain_run_id).data.tags.get(NOTE_TAG, "")
-        if section in note:
-            return note
-        client.set_tag(pretrain_run_id, NOTE_TAG, replace_section(note, section))
-        # Read back: another process may have written an older list after this one.
+    """Rewrite the pre-training run's downstream section from the store; returns the note.
+
+    Writers race: two runs finishing at once both write the tag, and a sqlite store refuses
+    one of two first inserts of a tag (IntegrityError) or a write while another holds the
+    lock. A refused write is retried after a jittered wait, like a write that lost its race.
+    """
+    error: Exception | None = None
+    for attempt in range(ATTEMPTS):
+        try:
+            section = render(downstream_runs(client, pretrain_run_id))
+            note = client.get_run(pretrain_run_id).data.tags.get(NOTE_TAG, "")
+            if section in note:
+                return note
+            client.set_tag(pretrain_run_id, NOTE_TAG, replace_section(note, section))
+            error = None
+            # Then read back: another process may have written an older list after this one.
+        except Exception as e:  # noqa: BLE001 - the store's refusal is retried, then raised
+            error = e
+        time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+    if error is not None:
+        raise error
     return client.get_run(pretrain_run_id).data.tags.get(NOTE_TAG, "")
 
 
