@@ -38,6 +38,8 @@ from cola_ray.data import storage
 from cola_ray.data.synthetic import SYNTHETIC
 from cola_ray.config import ConfigError, read_settings
 from cola_ray.downstream.probe import BASELINES, DEFAULT_EXPERIMENT
+from cola_ray.downstream.tags import BASELINE_TAG, ENCODER_TAG, TASK_TAG
+from cola_ray.model.encoder import LOGMEL
 
 PROBE_COLUMNS = ("log-mel", "random init", "COLA frozen")
 FINETUNE_COLUMNS = ("supervised", "COLA fine-tuned")
@@ -104,7 +106,9 @@ def run_suite(
     io = {"endpoint_url": endpoint_url, "region": region}
     if endpoint_url or region:  # the probe reads the task's shards through its embedding step
         probe["embed_options"] = {**io, **dict(probe.get("embed_options") or {})}
-    done = _finished_cells(experiment, tracking_uri) if not rerun else set()
+    refs = {"log-mel": LOGMEL, "random init": random_encoder, "COLA frozen": encoder_ref,
+            "COLA fine-tuned": encoder_ref, "supervised": encoder_ref}
+    done = _finished_cells(experiment, tracking_uri, refs) if not rerun else set()
     result = SuiteResult()
     for task_name, shards_url in prepared:
         for column in columns:
@@ -118,7 +122,7 @@ def run_suite(
             try:
                 cluster.connect(ray_address)  # here, not before: a resumed suite may have nothing left to run
                 if column == "log-mel":  # the hand-made features: nothing learned, the same probe sweep
-                    out = sweep("logmel", shards_url, baseline=column, storage_path=f"{storage_path}/sweeps",
+                    out = sweep(LOGMEL, shards_url, baseline=column, storage_path=f"{storage_path}/sweeps",
                                 **common, **probe)
                 elif column == "random init":
                     out = sweep(random_encoder, shards_url, baseline=column,
@@ -193,14 +197,25 @@ def _prepare(task: Mapping[str, Any] | str, storage_path: str, endpoint_url: str
     return str(meta.get("task") or embed.task_name(shards_url)), shards_url
 
 
-def _finished_cells(experiment: str, tracking_uri: str) -> set[tuple[str, str]]:
-    """(task, baseline) of the finished runs with a test accuracy already in the experiment."""
+def _finished_cells(experiment: str, tracking_uri: str, refs: dict[str, str]) -> set[tuple[str, str]]:
+    """(task, baseline) of the finished runs with a test accuracy already in the experiment
+    that measured this suite's encoder for that column (``refs``: baseline -> encoder
+    reference, the run's ``cola_ray.model.encoder`` tag): a suite of another encoder in the
+    same experiment does not count as done. Runs that name no encoder count for log-mel only."""
     from cola_ray.downstream.probe import open_tracking
-    from cola_ray.downstream.report import collect
+    from cola_ray.downstream.report import measured_runs
 
     _, client = open_tracking(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    return set(collect(client, exp.experiment_id)) if exp is not None else set()
+    if exp is None:
+        return set()
+    done = set()
+    for run in measured_runs(client, exp.experiment_id):
+        tags = run.data.tags
+        baseline, ref = tags[BASELINE_TAG], tags.get(ENCODER_TAG)
+        if ref == refs.get(baseline) or (ref is None and baseline == "log-mel"):
+            done.add((tags[TASK_TAG], baseline))
+    return done
 
 
 # ---- a suite from a YAML file (jobs/downstream.py) ------------------------------------------

@@ -67,3 +67,26 @@ def test_a_failed_cell_is_named_and_the_others_go_on(ray_local, tmp_path):
     assert any("missing-task / COLA frozen FAILED" in line and "missing-task" in line for line in lines)
     assert any(line.startswith("[suite] good / COLA frozen: test accuracy") for line in lines)
     assert "| good |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_cell_counts_as_done_only_for_the_encoder_it_measured(tmp_path):
+    """A suite resumed in an experiment that another encoder's suite filled skips only its
+    own finished cells (and the log-mel column, which measures no encoder)."""
+    from mlflow.tracking import MlflowClient
+
+    from cola_ray.downstream.suite import _finished_cells
+    from cola_ray.downstream.tags import BASELINE_TAG, ENCODER_TAG, TASK_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("suite-resume")
+    for baseline, ref in (("COLA frozen", "runs:/A/encoder"), ("log-mel", "logmel"), ("random init", None),
+                          ("COLA fine-tuned", "runs:/B/encoder"), ("supervised", "runs:/A/encoder")):
+        tags = {TASK_TAG: "speech", BASELINE_TAG: baseline, **({ENCODER_TAG: ref} if ref else {})}
+        run = client.create_run(exp, tags=tags)
+        client.log_metric(run.info.run_id, "test_accuracy", 0.5)
+        client.set_terminated(run.info.run_id)
+    refs = {"log-mel": "logmel", "random init": "random:x", "COLA frozen": "runs:/B/encoder",
+            "COLA fine-tuned": "runs:/B/encoder", "supervised": "runs:/B/encoder"}
+    assert _finished_cells("suite-resume", uri, refs) == {("speech", "log-mel"), ("speech", "COLA fine-tuned")}
+    assert _finished_cells("no-such-experiment", uri, refs) == set()
