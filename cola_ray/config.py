@@ -193,6 +193,9 @@ class TrainConfig:
     """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     grad_clip: float = 0.0
     seed: int = 0
+    """Seeds the model's init, the augmentation draws and each epoch's crops: a shard's crops
+    in an epoch are a function of (seed, epoch, shard), whichever worker reads it, however
+    often; the order the shards stream in is not fixed."""
     log_every_steps: int = 10
     progress_every_s: float = 30.0
     """Without a terminal (job logs, CI, a file), the driver's progress line is printed at

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import zlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -98,28 +99,36 @@ class SampleCounter:
 
 @ray.remote(num_cpus=0)
 class EpochLedger:
-    """What the epoch in progress must not deliver again: per shard file name, the ordinals
-    of the clips a resumed run had already trained on in this epoch (restored from the
-    checkpoint by the training workers, :mod:`cola_ray.train.epochs`). World rank 0 sets it
-    before each epoch's pass (empty for a fresh epoch); every decode task asks once, for its
-    shard, before it yields anything."""
+    """What the epoch in progress reads: its crops' entropy, a function of (``seed``, epoch,
+    shard), and what it must not deliver again: per shard file name, the ordinals of the
+    clips a resumed run had already trained on in this epoch (restored from the checkpoint
+    by the training workers, :mod:`cola_ray.train.epochs`). World rank 0 sets it before each
+    epoch's pass (nothing to skip for a fresh epoch); every decode task asks once, for its
+    shard, before it yields anything. So a resumed epoch's rest is cut exactly as the
+    uninterrupted epoch would have cut it, and a retried decode task repeats its crops."""
 
-    def __init__(self) -> None:
-        self.epoch = -1
+    def __init__(self, seed: int = 0) -> None:
+        self.seed, self.epoch = int(seed), -1
         self.skip: dict[str, np.ndarray] = {}
 
     def begin(self, epoch: int, skip: dict[str, np.ndarray]) -> None:
         self.epoch, self.skip = epoch, dict(skip)
 
-    def skip_for(self, shard: str) -> np.ndarray | None:
-        return self.skip.get(shard)
+    def read_plan(self, shard: str) -> tuple[list[int], np.ndarray | None]:
+        """(crop entropy, ordinals to skip) for the shard named ``shard`` in this epoch."""
+        return [self.seed, self.epoch, zlib.crc32(shard.encode())], self.skip.get(shard)
 
 
-def _skip_set(ledger: Any | None, shard: str) -> frozenset[int]:
-    if ledger is None:
-        return frozenset()
-    found = ray.get(ledger.skip_for.remote(shard))
-    return frozenset() if found is None else frozenset(int(i) for i in found)
+def _read_plan(row: dict[str, Any], ledger: Any | None) -> tuple[np.random.Generator, frozenset[int]]:
+    """The crop generator and the ordinals to leave out for the read of ``row["shard"]``:
+    ``row["seed"]`` if given (tests, benchmarks), else the ledger's (seed, epoch, shard),
+    else fresh entropy (no ledger: every read draws new crops)."""
+    entropy, found = None, None
+    if ledger is not None:
+        entropy, found = ray.get(ledger.read_plan.remote(os.path.basename(row["shard"])))
+    seed = row.get("seed")
+    rng = np.random.default_rng(entropy if seed is None else seed)
+    return rng, frozenset() if found is None else frozenset(int(i) for i in found)
 
 
 class ErrorBudgetExceeded(RuntimeError):
@@ -282,6 +291,31 @@ def collision_rate(clip_ids: Any) -> float:
     return float((counts[inverse] > 1).mean())
 
 
+def shard_clips(
+    row: dict[str, Any], data: DataConfig, counter: Any | None, ledger: Any | None, pcm: bool = False,
+) -> Iterator[tuple[int, int, list[tuple[np.ndarray, np.ndarray]], np.float32, np.float32 | None, ShardTally]]:
+    """``(ordinal, clip_id, k pairs, gain, step, tally)`` for every clip of ``row["shard"]``
+    this read delivers (:func:`_pairs` gives the rest): nothing for a quarantined shard,
+    the ledger's clips left out, the shard's tally reported when the read ends, however."""
+    tally = ShardTally(os.path.basename(row["shard"]))
+    if quarantine_reason(row["shard"], tally, data, counter):
+        return
+    rng, skip = _read_plan(row, ledger)
+    try:
+        for ordinal, (key, pairs, gain, step) in enumerate(_pairs(row, data, tally, rng, pcm=pcm)):
+            if ordinal in skip:  # trained on before the resume, in this same epoch
+                continue
+            yield ordinal, clip_id(row["shard"], key), pairs, gain, step, tally
+            tally.good += 1
+    finally:
+        if tally.lossy:
+            logging.getLogger(__name__).warning(
+                "shard %s: %d pairs are not 16-bit PCM (24-bit / float source, resampled or down-mixed); "
+                "int16 transport rounded them by at most half an int16 step x the clip's gain "
+                "(data.transport=float32 keeps them exact)", tally.shard, tally.lossy)
+        tally.report(counter)
+
+
 def decode_and_crop(
     row: dict[str, Any], cfg: dict[str, Any], counter: Any | None = None, ledger: Any | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -304,27 +338,14 @@ def decode_and_crop(
     Samples that cannot be used are skipped and counted by reason (a cache hit reports
     the counts recorded when the entry was written); a shard that cannot be read at all
     is counted once and named. ``row["seed"]``, if given, seeds the crops (tests,
-    benchmarks); otherwise every read draws fresh crops.
+    benchmarks); else the ``ledger``'s (train.seed, epoch, shard) do; without either,
+    every read draws fresh crops.
     """
-    data = DataConfig(**cfg)
-    tally = ShardTally(os.path.basename(row["shard"]))
-    if quarantine_reason(row["shard"], tally, data, counter):
-        return
-    # Fresh entropy for every read of a shard: pairs differ from epoch to epoch.
-    rng = np.random.default_rng(row.get("seed"))
     shard_idx = int(row.get("shard_index", 0))
-    skip = _skip_set(ledger, os.path.basename(row["shard"]))
-    try:
-        for ordinal, (key, pairs, _, _) in enumerate(_pairs(row, data, tally, rng)):
-            if ordinal in skip:  # trained on before the resume, in this same epoch
-                continue
-            cid = clip_id(row["shard"], key)
-            for anchor, positive in pairs:
-                yield {"anchor": anchor, "positive": positive, "clip_id": cid, "shard_idx": shard_idx,
-                       "sample_idx": ordinal}
-            tally.good += 1
-    finally:
-        tally.report(counter)
+    for ordinal, cid, pairs, _, _, _ in shard_clips(row, DataConfig(**cfg), counter, ledger):
+        for anchor, positive in pairs:
+            yield {"anchor": anchor, "positive": positive, "clip_id": cid, "shard_idx": shard_idx,
+                   "sample_idx": ordinal}
 
 
 def decode_and_crop_blocks(
@@ -351,12 +372,7 @@ def decode_and_crop_blocks(
     data = DataConfig(**cfg)
     n = data.block_pairs
     int16 = data.transport == "int16"
-    tally = ShardTally(os.path.basename(row["shard"]))
-    if quarantine_reason(row["shard"], tally, data, counter):
-        return
-    rng = np.random.default_rng(row.get("seed"))  # fresh entropy for every read, as decode_and_crop
     shard_idx = int(row.get("shard_index", 0))
-    skip = _skip_set(ledger, os.path.basename(row["shard"]))
     cols: dict[str, list] = {name: [] for name in ("anchor", "positive", "clip_id", "step", "gain", "sample_idx")}
 
     def block() -> dict[str, np.ndarray]:
@@ -371,36 +387,24 @@ def decode_and_crop_blocks(
             column.clear()
         return out
 
-    try:
-        for ordinal, (key, pairs, gain, step) in enumerate(_pairs(row, data, tally, rng, pcm=int16)):
-            if ordinal in skip:  # trained on before the resume, in this same epoch
-                continue
-            cid = clip_id(row["shard"], key)
-            for anchor, positive in pairs:
-                if int16 and anchor.dtype == np.int16:  # a cache hit's own samples
-                    cols["step"].append(step)
-                    cols["gain"].append(gain)
-                elif int16:
-                    anchor, positive, pair_step, exact = encode_int16(anchor, positive, gain, step)
-                    tally.lossy += not exact
-                    cols["step"].append(pair_step)
-                    cols["gain"].append(gain)
-                cols["anchor"].append(anchor)
-                cols["positive"].append(positive)
-                cols["clip_id"].append(cid)
-                cols["sample_idx"].append(ordinal)
-                if len(cols["clip_id"]) == n:
-                    yield block()
-            tally.good += 1
-        if cols["clip_id"]:
-            yield block()
-    finally:
-        if tally.lossy:
-            logging.getLogger(__name__).warning(
-                "shard %s: %d pairs are not 16-bit PCM (24-bit / float source, resampled or down-mixed); "
-                "int16 transport rounded them by at most half an int16 step x the clip's gain "
-                "(data.transport=float32 keeps them exact)", tally.shard, tally.lossy)
-        tally.report(counter)
+    for ordinal, cid, pairs, gain, step, tally in shard_clips(row, data, counter, ledger, pcm=int16):
+        for anchor, positive in pairs:
+            if int16 and anchor.dtype == np.int16:  # a cache hit's own samples
+                cols["step"].append(step)
+                cols["gain"].append(gain)
+            elif int16:
+                anchor, positive, pair_step, exact = encode_int16(anchor, positive, gain, step)
+                tally.lossy += not exact
+                cols["step"].append(pair_step)
+                cols["gain"].append(gain)
+            cols["anchor"].append(anchor)
+            cols["positive"].append(positive)
+            cols["clip_id"].append(cid)
+            cols["sample_idx"].append(ordinal)
+            if len(cols["clip_id"]) == n:
+                yield block()
+    if cols["clip_id"]:
+        yield block()
 
 
 def quarantine_reason(url: str, tally: ShardTally, data: DataConfig, counter: Any | None) -> str:

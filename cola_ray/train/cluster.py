@@ -48,6 +48,16 @@ def connect(address: str = "") -> None:
     filter_worker_logs()  # and the other processes' known-harmless lines (they stay in their files)
 
 
+def on_driver_node() -> dict:
+    """Actor options that place a run's bookkeeping actor (tallies, ledger, progress board)
+    on the driver's node, softly: it must outlive the loss of any worker node, and still
+    starts where that node is full."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                 soft=True)}
+
+
 def _probe_tcp(url: str, what: str, default_port: int) -> None:
     """Open (and close) a TCP connection to ``url``'s host:port, or raise ConnectionError naming it."""
     parsed = urlparse(url if "://" in url else "tcp://" + url)

@@ -73,10 +73,9 @@ def post(board: Any, figures: Mapping[str, float], kind: str = "train") -> None:
 
 def start_board() -> Any:
     """A board on the driver's node (soft affinity): it lives as long as the driver."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from cola_ray.train.cluster import on_driver_node
 
-    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
+    return ProgressBoard.options(**on_driver_node()).remote()
 
 
 def is_terminal(stream: TextIO) -> bool:

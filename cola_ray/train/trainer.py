@@ -19,12 +19,11 @@ from typing import Any
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cola_ray import console
 from cola_ray.config import Config
 from cola_ray.data.pipeline import EpochLedger, SampleCounter, read_pairs
-from cola_ray.train import progress, tracking
+from cola_ray.train import cluster, progress, tracking
 from cola_ray.train.loop import train_loop_per_worker
 from cola_ray.train.preflight import RunPlan, preflight
 
@@ -50,11 +49,10 @@ def fit(cfg: Config, *, echo=print) -> FitResult:
     # Per-epoch progress bars of the streaming split drown the log; MLflow has the progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     # On the driver's node: the run's tallies must outlive the loss of any worker node.
-    dataset_counter = SampleCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
-    # What a resumed epoch must leave out: set by world rank 0, read by every decode task.
-    ledger = EpochLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True)).remote()
+    dataset_counter = SampleCounter.options(**cluster.on_driver_node()).remote()
+    # Each epoch's crops (from train.seed) and what a resumed epoch must leave out: set by
+    # world rank 0, read by every decode task.
+    ledger = EpochLedger.options(**cluster.on_driver_node()).remote(seed=cfg.train.seed)
     datasets = {"train": read_pairs(cfg.data, dataset_counter, plan.urls, ledger)}
 
     uri, run_id, resumed = tracking.start_or_resume_run(cfg, paths.name, tags={"cola_ray.run_dir": paths.run_dir})

@@ -77,3 +77,30 @@ def test_decode_tasks_leave_out_what_the_ledger_lists(ray_local, tmp_path):
     by_idx = {r["sample_idx"]: r for r in every}
     assert all(np.array_equal(r["anchor"], by_idx[r["sample_idx"]]["anchor"]) for r in rest)
     ray.kill(ledger)
+
+
+def test_an_epochs_crops_are_a_function_of_seed_epoch_and_shard(ray_local, tmp_path):
+    """Through the ledger, a shard read twice in one epoch (a retried task, a resumed epoch)
+    is cut the same way; another epoch or another train.seed cuts it afresh."""
+    import dataclasses
+
+    import ray
+
+    from cola_ray.config import DataConfig
+    from cola_ray.data import pipeline
+
+    url = sorted(str(p) for p in make_shards(tmp_path, n_clips=6, seconds=1.2, seed=3, max_samples=6).glob("*.tar"))[0]
+    cfg = dataclasses.asdict(DataConfig())
+
+    def anchors(seed, epoch):
+        ledger = pipeline.EpochLedger.remote(seed=seed)
+        ray.get(ledger.begin.remote(epoch, {}))
+        rows = list(pipeline.decode_and_crop({"shard": url}, cfg, ledger=ledger))
+        ray.kill(ledger)
+        return np.stack([r["anchor"] for r in rows])
+
+    first = anchors(7, 2)
+    assert first.shape[0] == 6 and np.array_equal(first, anchors(7, 2))
+    assert not np.array_equal(first, anchors(7, 3)) and not np.array_equal(first, anchors(8, 2))
+    fresh = [np.stack([r["anchor"] for r in pipeline.decode_and_crop({"shard": url}, cfg)]) for _ in range(2)]
+    assert not np.array_equal(*fresh)  # no ledger, no seed: new crops every read
