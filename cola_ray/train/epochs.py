@@ -29,6 +29,7 @@ import zlib
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from cola_ray.model import distributed
@@ -102,6 +103,10 @@ def restored_record(epoch_clips: Mapping[str, str] | None) -> dict[str, np.ndarr
 
 # ---- the workers' record ------------------------------------------------------------------
 
+COMPACT_EVERY = 512
+"""Steps of clip keys an :class:`EpochClips` keeps on the device before one copy to the host."""
+
+
 class EpochClips:
     """This rank's record of the epoch in progress: the clips of the batches it stepped on
     (with multiplicity), plus what the checkpoint had (``restored``, the same on every rank).
@@ -111,21 +116,37 @@ class EpochClips:
         self.names = names  # shard_idx -> shard file name (this run's shard list)
         self.index = {n: i for i, n in enumerate(names)}
         self.k = max(1, pairs_per_clip)
-        self.parts: list[np.ndarray] = []  # clip keys (shard_idx << 32 | sample_idx) of each step
+        self.parts: list[Any] = []  # clip keys (shard_idx << 32 | sample_idx) of steps: tensors or arrays
         self.restored: dict[str, np.ndarray] = {}
 
     def begin(self, restored: Mapping[str, np.ndarray] | None = None) -> None:
         self.parts, self.restored = [], dict(restored or {})
 
     def add(self, shard_idx: Any, sample_idx: Any) -> None:
-        """One step's batch: ``(B,)`` tensors or arrays (exact integers below 2^24)."""
-        s = np.asarray(shard_idx.cpu() if hasattr(shard_idx, "cpu") else shard_idx).astype(np.int64)
-        i = np.asarray(sample_idx.cpu() if hasattr(sample_idx, "cpu") else sample_idx).astype(np.int64)
-        self.parts.append((s << 32) | i)
+        """One step's batch: ``(B,)`` tensors (on the training device) or arrays.
+
+        The keys stay where the batch is: copying them to the host at every step would make
+        the host wait for the step's queued work on a GPU. :meth:`_local` brings them over
+        every ``COMPACT_EVERY`` steps and at the epoch's collectives."""
+        if isinstance(shard_idx, torch.Tensor):
+            self.parts.append((shard_idx.long() << 32) | sample_idx.long())
+        else:
+            self.parts.append((np.asarray(shard_idx, np.int64) << 32) | np.asarray(sample_idx, np.int64))
+        if len(self.parts) >= COMPACT_EVERY:
+            self.parts = [self._local()]
+
+    def _local(self) -> np.ndarray:
+        """This rank's keys so far as one host array (one device-to-host copy)."""
+        on_device = [p for p in self.parts if isinstance(p, torch.Tensor)]
+        host = [p for p in self.parts if not isinstance(p, torch.Tensor)]
+        if on_device:
+            host.append(torch.cat(on_device).cpu().numpy())
+        return np.concatenate(host) if host else np.zeros(0, np.int64)
 
     def _all_keys(self) -> np.ndarray:
         """Every rank's keys, with multiplicity (one all_gather_object)."""
-        local = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64)
+        local = self._local()
+        self.parts = [local]
         if not (dist.is_available() and dist.is_initialized()) or distributed.world_size() == 1:
             return local
         out: list[Any] = [None] * distributed.world_size()

@@ -515,14 +515,15 @@ class StepLogger:
         # Rank 0's figures to the driver's progress line (fire and forget: never blocks a step).
         self.board = run.get("progress") if w.rank == 0 else None
         self.window = _Window()
-        self.collisions: list[float] = []  # same-clip pair rate of each local batch in the window
+        # Each local batch's clip ids in the window, left on the device until the log step.
+        self.collision_ids: list[Any] = []
         self.quarantined: dict[str, str] = {}  # shard -> why, as last tagged on the MLflow run
 
     def add(self, batch: Mapping[str, torch.Tensor], out: Mapping[str, torch.Tensor], finite: bool, *,
             wait: float, total: float) -> None:
         """Count one step into the window: ``wait`` for its batch, ``total`` with the step."""
         if "clip_id" in batch:
-            self.collisions.append(collision_rate(batch["clip_id"]))
+            self.collision_ids.append(batch["clip_id"])
         self.window.add(out["loss"].detach(), out["accuracy"].detach(), wait=wait, total=total,
                         skipped=not finite)
 
@@ -531,9 +532,10 @@ class StepLogger:
         w = self.w
         metrics = self.window.reduce(w.cfg.train.batch_size)
         metrics.update(lr=lr, epoch=state.epoch)
-        if self.collisions:  # this rank's local batches (rank 0 logs)
-            metrics["data/collision_rate"] = sum(self.collisions) / len(self.collisions)
-            self.collisions.clear()
+        if self.collision_ids:  # this rank's local batches (rank 0 logs); one copy to the host
+            ids = torch.stack([torch.as_tensor(i) for i in self.collision_ids]).cpu().numpy()
+            metrics["data/collision_rate"] = float(np.mean([collision_rate(row) for row in ids]))
+            self.collision_ids.clear()
         if self.counter is not None:
             snap = _snapshot(self.counter) if w.rank == 0 else None
             if w.rank == 0 and snap is not None:

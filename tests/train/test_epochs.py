@@ -104,3 +104,23 @@ def test_an_epochs_crops_are_a_function_of_seed_epoch_and_shard(ray_local, tmp_p
     assert not np.array_equal(first, anchors(7, 3)) and not np.array_equal(first, anchors(8, 2))
     fresh = [np.stack([r["anchor"] for r in pipeline.decode_and_crop({"shard": url}, cfg)]) for _ in range(2)]
     assert not np.array_equal(*fresh)  # no ledger, no seed: new crops every read
+
+
+def test_the_epoch_record_counts_device_batches_across_its_host_copies():
+    """Keys stay on the device between copies (every COMPACT_EVERY steps): the counts and the
+    checkpoint's record are the same as if every step had been copied at once."""
+    import torch
+
+    from cola_ray.train import epochs
+
+    clips = epochs.EpochClips(["a.tar", "b.tar"], pairs_per_clip=1)
+    clips.begin({"a.tar": np.array([0, 1])})
+    steps = epochs.COMPACT_EVERY + 7
+    for step in range(steps):  # batches of 4 clips of b.tar, the last step's repeated once
+        ordinal = torch.arange(4 * step, 4 * step + 4) if step < steps - 1 else torch.arange(0, 4)
+        clips.add(torch.ones(4, dtype=torch.int64), ordinal)
+    assert len(clips.parts) < epochs.COMPACT_EVERY
+    assert clips.epoch_metrics() == {"data/epoch_clips": 2.0 + 4 * (steps - 1), "data/epoch_repeats": 4.0}
+    record = clips.gathered()
+    assert set(record) == {"a.tar", "b.tar"}
+    assert sorted(epochs.decode(record["b.tar"]).tolist()) == list(range(4 * (steps - 1)))
