@@ -49,13 +49,14 @@ def connect(address: str = "") -> None:
 
 
 def on_driver_node() -> dict:
-    """Actor options that place a run's bookkeeping actor (tallies, ledger, progress board)
-    on the driver's node, softly: it must outlive the loss of any worker node, and still
-    starts where that node is full."""
+    """Actor options that pin a run's bookkeeping actor (tallies, ledger, progress board)
+    to the driver's node: it must outlive the loss of any worker node. Hard, not soft: a
+    soft affinity once placed the ledger on a worker node (CI, multinode test) and the node's
+    loss took it along. They ask for no CPU, so the driver's node always has room."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                 soft=True)}
+                                                                 soft=False)}
 
 
 def _probe_tcp(url: str, what: str, default_port: int) -> None:
