@@ -92,7 +92,7 @@ def update_note(client: Any, pretrain_run_id: str) -> str:
             # Then read back: another process may have written an older list after this one.
         except Exception as e:  # noqa: BLE001 - the store's refusal is retried, then raised
             error = e
-        time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+            time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))  # a refused writer backs off
     if error is not None:
         raise error
     return client.get_run(pretrain_run_id).data.tags.get(NOTE_TAG, "")

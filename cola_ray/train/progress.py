@@ -72,7 +72,8 @@ def post(board: Any, figures: Mapping[str, float], kind: str = "train") -> None:
 
 
 def start_board() -> Any:
-    """A board on the driver's node (soft affinity): it lives as long as the driver."""
+    """A board pinned to the driver's node (:func:`cola_ray.train.cluster.on_driver_node`):
+    it lives as long as the driver."""
     from cola_ray.train.cluster import on_driver_node
 
     return ProgressBoard.options(**on_driver_node()).remote()
