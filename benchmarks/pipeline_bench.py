@@ -8,7 +8,8 @@ shared and noisy, so measurements are repeated in interleaved rounds and medians
 
 Shards: ``--clips`` synthetic 10 s clips (``synthetic.synth_clip``), 16 kHz mono, written
 three times: FLAC (PCM_16, as ``shards build`` writes), Ogg Vorbis and WAV (PCM_16),
-``--per-shard`` clips per tar (``<key>.<ext>`` + ``<key>.json``).
+``--per-shard`` clips per tar (``<key>.<ext>`` + ``<key>.json``, the json with the clip's sum
+of squares as ``shards build`` writes it, so ``decode=seek`` normalises exactly).
 
 Rows, for each format:
 
@@ -18,8 +19,9 @@ Rows, for each format:
   (``audio.crop_pair``), log-mel of both crops on the CPU (``features.LogMel``, 1 torch
   thread): what a straightforward PyTorch loader does when features are not moved to
   the GPU;
-- single process: ``pipeline.decode_and_crop`` shard after shard in this process, batches
-  of 64 stacked, for ``decode=full`` / ``decode=seek`` / the node-local cache (first
+- single process: ``pipeline.decode_and_crop_blocks`` (what a decode task runs: blocks of
+  ``data.block_pairs`` int16 pairs) shard after shard in this process, for ``decode=full`` /
+  ``decode=seek`` / the node-local cache (first
   epoch: decode + write; later epochs: memory-mapped int16 PCM), k = pairs_per_clip 1 and 4;
 - Ray Data: ``read_pairs`` with ``decode_concurrency=1, decode_num_cpus=1`` consumed with
   ``iter_batches(64)`` on a local Ray (num_cpus=2), for the same paths at k=1 and full at
@@ -72,7 +74,7 @@ def make_shards(workdir: Path, n_clips: int, seconds: float, per_shard: int) -> 
     """format -> shard paths; the same clips in each format (reused if already written)."""
     import soundfile as sf
 
-    from cola_ray.data import synthetic
+    from cola_ray.data import audio, synthetic
 
     out: dict[str, list[str]] = {}
     n = int(seconds * RATE)
@@ -94,8 +96,11 @@ def make_shards(workdir: Path, n_clips: int, seconds: float, per_shard: int) -> 
                 for i in range(s * per_shard, min((s + 1) * per_shard, n_clips)):
                     buf = io.BytesIO()
                     sf.write(buf, clips[i], RATE, format=fmt, subtype=subtype)
+                    # As `shards build` writes it: the clip's sum of squares (exact seek normalisation).
+                    meta = {"i": i, audio.SUM_SQUARES_KEY: audio.clip_sum_squares(
+                        audio.decode_audio(buf.getvalue(), RATE, pcm16=True)[0])}
                     for member, data in ((f"clip{i:05d}.{suffix}", buf.getvalue()),
-                                         (f"clip{i:05d}.json", json.dumps({"i": i}).encode())):
+                                         (f"clip{i:05d}.json", json.dumps(meta).encode())):
                         info = tarfile.TarInfo(member)
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
@@ -131,25 +136,21 @@ def data_cfg(path: str, k: int, cache_dir: str = "") -> dict[str, Any]:
 
 
 def single_run(urls: list[str], cfg: dict[str, Any], passes: int, min_seconds: float = 0.0) -> dict[str, float]:
-    """decode_and_crop over the shards in this process, batches of 64 stacked: ``passes``
-    passes, more until ``min_seconds`` have gone by. CPU = this thread's CPU time (the
+    """What a decode task runs (``decode_and_crop_blocks``: the configured path, blocks of
+    ``data.block_pairs`` pairs in the wire format of ``data.transport``), shard after shard in
+    this process: ``passes`` passes, more until ``min_seconds`` have gone by. So Ray Data /
+    single is Ray Data's own cost over the same work. CPU = this thread's CPU time (the
     process also hosts Ray's driver threads, which are not this loop's work)."""
     from cola_ray.data import pipeline
 
     with blas_threads(1):
         cpu0, t0 = time.thread_time(), time.perf_counter()
-        n, done, anchors, positives = 0, 0, [], []
+        n, done = 0, 0
         while done < passes or time.perf_counter() - t0 < min_seconds:
             for url in urls:
-                for row in pipeline.decode_and_crop({"shard": url}, cfg=cfg):
-                    anchors.append(row["anchor"])
-                    positives.append(row["positive"])
-                    if len(anchors) == BATCH:
-                        n += np.stack(anchors).shape[0]
-                        np.stack(positives)
-                        anchors, positives = [], []
+                for block in pipeline.decode_and_crop_blocks({"shard": np.array([url])}, cfg=cfg):
+                    n += len(block["anchor"])
             done += 1
-        n += len(anchors)
         dt, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     return {"pairs": n, "pairs_s": n / dt, "per_cpu_s": n / max(cpu, 1e-9), "passes": done}
 

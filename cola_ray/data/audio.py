@@ -24,6 +24,13 @@ import numpy as np
 AUDIO_SUFFIXES = ("flac", "wav", "ogg", "mp3")
 """Member suffixes read as audio, in order of preference when a sample has several."""
 
+PCM16_SUBTYPES = ("PCM_16",)
+"""soundfile subtypes whose int16 read is the float32 read x 32768 exactly (16-bit PCM, WAV or FLAC)."""
+
+SUM_SQUARES_KEY = "sum_squares"
+"""Sample json field: the clip's ``sum(wave**2)`` (:func:`clip_sum_squares`), written by ``shards build``;
+with it ``data.decode=seek`` normalises exactly as a full decode (:func:`seek_crop_pairs`)."""
+
 BAD_REASONS = ("decode_error", "empty", "non_finite", "too_short", "no_audio_member", "bad_json", "bad_key")
 
 
@@ -46,11 +53,16 @@ class BadSample(Exception):
         return (type(self), (self.reason, self.sample, self.detail))
 
 
-def decode_audio(data: bytes, target_rate: int, *, name: str = "<bytes>") -> tuple[np.ndarray, int, int]:
+def decode_audio(
+    data: bytes, target_rate: int, *, name: str = "<bytes>", pcm16: bool = False,
+) -> tuple[np.ndarray, int, int]:
     """Decode any format soundfile reads into ``(wave, orig_rate, orig_channels)``.
 
     ``wave``: (T,) float32, mono (mean over channels), resampled to ``target_rate``
     (``torchaudio.functional.resample``, so T = ceil(frames * target / orig)).
+    With ``pcm16``, a 16-bit mono source at ``target_rate`` comes back as its int16 samples
+    instead (``wave / 32768`` is the float32 wave, exactly): no float pass over the clip,
+    for the int16 transport (:func:`crop_pcm_pairs`); other sources still give float32.
     Raises :class:`BadSample` ``decode_error`` (not audio / corrupt), ``empty`` (no
     frames) or ``non_finite`` (NaN / inf, possible in float WAV).
     """
@@ -59,11 +71,16 @@ def decode_audio(data: bytes, target_rate: int, *, name: str = "<bytes>") -> tup
     if not data:
         raise BadSample("empty", name, "zero bytes")
     try:
-        frames, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, C)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            as_pcm = pcm16 and f.subtype in PCM16_SUBTYPES and f.channels == 1 and rate == target_rate
+            frames = f.read(dtype="int16" if as_pcm else "float32", always_2d=True)  # (T, C)
     except Exception as e:  # libsndfile reports corrupt data with several exception types
         raise BadSample("decode_error", name, _error_detail(e)) from None
     if frames.shape[0] == 0 or frames.shape[1] == 0:
         raise BadSample("empty", name, "no audio frames")
+    if as_pcm:
+        return np.ascontiguousarray(frames[:, 0]), int(rate), 1
     if not np.isfinite(frames).all():
         raise BadSample("non_finite", name, "NaN or inf samples")
     channels = int(frames.shape[1])
@@ -108,6 +125,27 @@ def l2_normalize(wave: np.ndarray, eps: float = 1e-9) -> np.ndarray:
 def _inv_norm(wave: np.ndarray, eps: float = 1e-9) -> np.float32:
     """``1 / sqrt(max(sum(wave**2), eps))``, the sum in float64."""
     return np.float32(1.0 / np.sqrt(max(_sum_squares(wave), eps)))
+
+
+def _pcm16_squares(pcm: np.ndarray) -> int:
+    """``sum(pcm**2)`` of int16 samples, exact (int64)."""
+    x = pcm.astype(np.int64)
+    return int(np.einsum("i,i->", x, x))
+
+
+def clip_sum_squares(wave: np.ndarray) -> float:
+    """A decoded clip's ``sum(wave**2)`` exactly as the full path computes it for its L2 norm
+    (float64; int16 samples count as ``pcm / 32768``): what ``shards build`` stores as
+    :data:`SUM_SQUARES_KEY` so that the seek path normalises exactly."""
+    return _pcm16_squares(wave) * 2.0 ** -30 if wave.dtype == np.int16 else _sum_squares(wave)
+
+
+def _inv_norm_pcm16(pcm: np.ndarray, eps: float = 1e-9) -> np.float32:
+    """:func:`_inv_norm` of ``pcm / 32768`` from the int16 samples: the sum of squares in int64,
+    then scaled by 2^-30. The same float32 as the float path's: there every square is a
+    multiple of 2^-30 and their float64 sum is exact while below 2^23 (any clip under 2^23
+    samples, 8.7 minutes at 16 kHz), so both compute the same float64 before the same root."""
+    return np.float32(1.0 / np.sqrt(max(_pcm16_squares(pcm) * 2.0 ** -30, eps)))
 
 
 def _sum_squares(x: np.ndarray) -> float:
@@ -189,6 +227,27 @@ def crop_offsets(length: int, n: int, rng: np.random.Generator) -> tuple[int, in
     return a0, p0
 
 
+def crop_pcm_pairs(
+    pcm: np.ndarray, n: int, rng: np.random.Generator, *, k: int = 1, l2_normalize: bool = True,
+    short: str = "pad", name: str = "<clip>",
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.float32]:
+    """:func:`crop_pair` ``k`` times on a 16-bit clip's int16 samples (T,) (``decode_audio(...,
+    pcm16=True)``), without noise: ``(k pairs of (n,) int16, gain)`` such that
+    ``(pair * 2^-15) * gain`` in float32 is what :func:`crop_pair` gives on ``pcm / 32768``
+    for the same generator state, bit for bit (the same draws, the same gain)."""
+    gain = _inv_norm_pcm16(pcm) if l2_normalize else np.float32(1.0)
+    if pcm.shape[0] < n:
+        if short == "skip":
+            raise BadSample("too_short", name, f"{pcm.shape[0]} samples < segment of {n}")
+        pcm = pad_center(pcm, n)
+    pairs = []
+    for _ in range(k):
+        a0, p0 = crop_offsets(pcm.shape[0], n, rng)
+        # Copies: a view would keep the whole clip alive until its block is stacked.
+        pairs.append((pcm[a0 : a0 + n].copy(), pcm[p0 : p0 + n].copy()))
+    return pairs, gain
+
+
 def add_positive_noise(positive: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
     """(n,) -> (n,) float32 plus N(0, noise_std) drawn from ``rng`` after the offsets (if > 0)."""
     if noise_std > 0:
@@ -217,24 +276,29 @@ def seek_crop_pairs(
     short: str = "pad",
     name: str = "<bytes>",
     gains: list | None = None,
+    sum_squares: float | None = None,
+    pcm16: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` (anchor, positive) pairs, each (n,) float32, reading only the crops' frames.
 
     ``gains``, if given a list, receives the one float32 factor the crops were multiplied by
     (the L2 scale, estimated or exact, 1.0 without ``l2_normalize``): the int16 transport
-    sends the unscaled samples and this factor.
+    sends the unscaled samples and this factor. With ``pcm16`` (and no noise), a 16-bit mono
+    source gives its int16 crops unscaled instead (``crop / 32768 * gain`` is the float pair).
 
-    Reads the header (``soundfile.info``), draws each pair's offsets with
-    :func:`crop_offsets` from ``rng`` exactly as :func:`crop_pair` does on the fully
-    decoded clip, then seeks and reads only those 2 x n frames (down-mixed by the same
-    channel mean). With the same generator state the crops are the same samples as
-    ``crop_pair(decode_audio(data)[0], n, rng, ...)`` gives, with one documented
-    difference, the scale:
+    Opens the clip once, draws each pair's offsets with :func:`crop_offsets` from ``rng``
+    exactly as :func:`crop_pair` does on the fully decoded clip, then seeks and reads only
+    those 2 x n frames (down-mixed by the same channel mean). With the same generator state
+    the crops are the same samples as ``crop_pair(decode_audio(data)[0], n, rng, ...)`` gives;
+    the scale:
 
     - ``l2_normalize=False``: identical to the full path.
-    - ``l2_normalize=True``: the full path divides by the whole clip's L2 norm, which
-      needs every sample. Seek divides both crops by the norm *estimated* from the frames
-      it read: ``sqrt(T * mean square of the 2 crops)`` (k pairs: all 2k crops), the
+    - ``l2_normalize=True`` and ``sum_squares`` given (the clip's ``sum(wave**2)`` as the full
+      path computes it, float64; ``cola-ray shards build`` stores it in every sample's json
+      as ``sum_squares``, :data:`SUM_SQUARES_KEY`): identical to the full path, bit for bit.
+    - ``l2_normalize=True`` without it: the full path divides by the whole clip's L2 norm,
+      which needs every sample. Seek divides both crops by the norm *estimated* from the
+      frames it read: ``sqrt(T * mean square of the 2 crops)`` (k pairs: all 2k crops), the
       clip's norm if its energy is stationary. Same crops, a per-clip gain that differs.
 
     Falls back to a full decode + :func:`crop_pair` (same draws, so the same pairs as the
@@ -247,46 +311,51 @@ def seek_crop_pairs(
 
     if not data:
         raise BadSample("empty", name, "zero bytes")
+    crops: list[tuple[np.ndarray, np.ndarray]] = []
+    noises: list[np.ndarray | None] = []
     try:
-        info = sf.info(io.BytesIO(data))
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            length, channels = int(f.frames), int(f.channels)
+            if length <= 0 or channels <= 0:
+                raise BadSample("empty", name, "no audio frames")
+            if f.subtype not in SEEK_EXACT_SUBTYPES or f.samplerate != target_rate or length < n:
+                crops = []  # fall back, below, outside the open file
+            else:
+                as_pcm = pcm16 and not noise_std and f.subtype in PCM16_SUBTYPES and channels == 1
+                for _ in range(k):
+                    a0, p0 = crop_offsets(length, n, rng)
+                    # Noise is drawn right after its pair's offsets, in crop_pair's order.
+                    noises.append(rng.normal(0.0, noise_std, size=n).astype(np.float32) if noise_std > 0 else None)
+                    crops.append((_read_mono(f, a0, n, as_pcm), _read_mono(f, p0, n, as_pcm)))
+    except BadSample:
+        raise
     except Exception as e:
         raise BadSample("decode_error", name, _error_detail(e)) from None
-    if info.frames <= 0 or info.channels <= 0:
-        raise BadSample("empty", name, "no audio frames")
-    if info.subtype not in SEEK_EXACT_SUBTYPES or info.samplerate != target_rate or info.frames < n:
+    if not crops:
         wave, _, _ = decode_audio(data, target_rate, name=name)
         if gains is not None:
             gains.append(_inv_norm(wave) if l2_normalize else np.float32(1.0))
         return [crop_pair(wave, n, rng, l2_normalize=l2_normalize, noise_std=noise_std, short=short, name=name)
                 for _ in range(k)]
-    length = int(info.frames)
-    offsets: list[tuple[int, int]] = []
-    crops: list[tuple[np.ndarray, np.ndarray]] = []
-    noises: list[np.ndarray | None] = []
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            for _ in range(k):
-                a0, p0 = crop_offsets(length, n, rng)
-                # Noise is drawn right after its pair's offsets, in crop_pair's order.
-                noises.append(rng.normal(0.0, noise_std, size=n).astype(np.float32) if noise_std > 0 else None)
-                offsets.append((a0, p0))
-                crops.append((_read_mono(f, a0, n), _read_mono(f, p0, n)))
-    except BadSample:
-        raise
-    except Exception as e:
-        raise BadSample("decode_error", name, _error_detail(e)) from None
+    pcm = crops[0][0].dtype == np.int16
     for a, p in crops:
         if a.shape[0] != n or p.shape[0] != n:
             raise BadSample("decode_error", name, f"short read at a seek ({a.shape[0]}, {p.shape[0]} of {n})")
-        if not (np.isfinite(a).all() and np.isfinite(p).all()):
+        if not pcm and not (np.isfinite(a).all() and np.isfinite(p).all()):
             raise BadSample("non_finite", name, "NaN or inf samples")
-    if l2_normalize:
-        sq = sum(_sum_squares(a) + _sum_squares(p) for a, p in crops)
-        scale = np.float32(1.0 / np.sqrt(max(sq * length / (2 * k * n), 1e-9)))
-    else:
+    if not l2_normalize:
         scale = np.float32(1.0)
+    elif sum_squares is not None:
+        scale = np.float32(1.0 / np.sqrt(max(float(sum_squares), 1e-9)))
+    else:
+        # int16 crops: the float crops' squares summed exactly, as integers (see _inv_norm_pcm16).
+        sq = (sum(_pcm16_squares(a) + _pcm16_squares(p) for a, p in crops) * 2.0 ** -30 if pcm
+              else sum(_sum_squares(a) + _sum_squares(p) for a, p in crops))
+        scale = np.float32(1.0 / np.sqrt(max(sq * length / (2 * k * n), 1e-9)))
     if gains is not None:
         gains.append(scale)
+    if pcm:
+        return crops
     out = []
     for (a, p), noise in zip(crops, noises):
         positive = p * scale
@@ -294,10 +363,11 @@ def seek_crop_pairs(
     return out
 
 
-def _read_mono(f, start: int, n: int) -> np.ndarray:
-    """(n,) float32 frames [start, start + n) of an open SoundFile, channel mean as decode_audio."""
+def _read_mono(f, start: int, n: int, pcm16: bool = False) -> np.ndarray:
+    """(n,) float32 frames [start, start + n) of an open SoundFile, channel mean as decode_audio
+    (``pcm16``: the int16 frames of a mono file)."""
     f.seek(start)
-    frames = f.read(n, dtype="float32", always_2d=True)  # (n, C)
+    frames = f.read(n, dtype="int16" if pcm16 else "float32", always_2d=True)  # (n, C)
     return frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else np.ascontiguousarray(frames[:, 0])
 
 

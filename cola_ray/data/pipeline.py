@@ -217,9 +217,10 @@ def shard_samples(
 
 def decoded_clips(
     url: str, sample_rate: int, tally: ShardTally, *, endpoint_url: str = "", region: str = "",
-    keep: Callable[[dict[str, Any]], bool] | None = None,
+    keep: Callable[[dict[str, Any]], bool] | None = None, pcm16: bool = False,
 ) -> Iterator[tuple[str, dict[str, Any], np.ndarray]]:
-    """Every usable clip of one shard: ``(key, json metadata, mono float32 wave (T,))``.
+    """Every usable clip of one shard: ``(key, json metadata, mono float32 wave (T,))``
+    (with ``pcm16``, int16 samples for 16-bit mono sources at ``sample_rate``: :func:`audio.decode_audio`).
 
     The one place shards become audio, for pre-training and downstream alike. Shards are
     read through :func:`shard_samples` (checked against their manifest; a bad shard is
@@ -234,7 +235,7 @@ def decoded_clips(
             if keep is not None and not keep(meta):
                 continue
             _, raw = audio.audio_member(members, key)
-            wave, _, _ = audio.decode_audio(raw, sample_rate, name=key)
+            wave, _, _ = audio.decode_audio(raw, sample_rate, name=key, pcm16=pcm16)
         except audio.BadSample as e:
             tally.bad[e.reason] += 1
             continue
@@ -497,8 +498,9 @@ def _pairs(
     """``(key, k pairs, gain, step)`` for every good clip of the shard in ``row``, by the
     configured path. ``gain``: the float32 factor the crops were multiplied by (the L2
     scale); ``step``: the clip's int16 step where it is known (cache: ``1 / q``), else None.
-    With ``pcm``, cache hits give their int16 crops unscaled (the same draws): pairs whose
-    model input is ``(pcm * step) * gain``, with no float pass over them in the decode task."""
+    With ``pcm``, cache hits and full decodes of 16-bit mono sources at the target rate give
+    int16 crops unscaled (the same draws): pairs whose model input is ``(pcm * step) * gain``,
+    with no float pass over them in the decode task."""
     url, k, n = row["shard"], data.pairs_per_clip, data.segment_samples
     crop = dict(l2_normalize=data.clip_l2_normalize, noise_std=data.positive_noise_std, short=data.short_clips)
     where = dict(endpoint_url=data.s3_endpoint_url, region=data.s3_region)
@@ -539,24 +541,38 @@ def _pairs(
                 writer.commit(dict(tally.bad - crop_bad))
         return
     if data.decode == "seek":
-        for key, _, raw in raw_clips(url, tally, **where):
+        for key, meta, raw in raw_clips(url, tally, **where):
             gains = []
             try:
                 pairs = audio.seek_crop_pairs(raw, n, rng, k=k, target_rate=data.sample_rate, **crop, name=key,
-                                              gains=gains)
+                                              gains=gains, sum_squares=_stored_sum_squares(meta), pcm16=pcm)
             except audio.BadSample as e:
                 tally.bad[e.reason] += 1
                 continue
-            yield key, pairs, gains[0], None
+            yield key, pairs, gains[0], STEP_16BIT if pairs[0][0].dtype == np.int16 else None
         return
-    for key, _, wave in decoded_clips(url, data.sample_rate, tally, **where):
+    # With pcm (int16 transport), 16-bit sources stay int16 from the decoder to the wire.
+    for key, _, wave in decoded_clips(url, data.sample_rate, tally, pcm16=pcm, **where):
         gains = []
         try:
-            pairs = [audio.crop_pair(wave, n, rng, **crop, name=key, gains=gains) for _ in range(k)]
+            if wave.dtype == np.int16:
+                pairs, gain = audio.crop_pcm_pairs(wave, n, rng, k=k, l2_normalize=data.clip_l2_normalize,
+                                                   short=data.short_clips, name=key)
+                step = STEP_16BIT
+            else:
+                pairs = [audio.crop_pair(wave, n, rng, **crop, name=key, gains=gains) for _ in range(k)]
+                gain, step = gains[0], None
         except audio.BadSample as e:
             tally.bad[e.reason] += 1
             continue
-        yield key, pairs, gains[0], None
+        yield key, pairs, gain, step
+
+
+def _stored_sum_squares(meta: dict[str, Any]) -> float | None:
+    """The clip's sum of squares from its json (``shards build`` writes it), or None: then
+    the seek path estimates the clip's norm from its crops."""
+    value = meta.get(audio.SUM_SQUARES_KEY)
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else None
 
 
 def _shard_version(row: dict[str, Any], data: DataConfig) -> str:

@@ -120,6 +120,60 @@ def test_decode_and_crop_seek_matches_full_per_seed(tmp_path):
         assert f["clip_id"] == s["clip_id"]
 
 
+def test_shards_build_stores_each_clips_sum_of_squares_and_seek_then_normalises_exactly(tmp_path):
+    """Shards from ``shards build`` carry every clip's sum of squares in its json, exactly the
+    full decode's: with it, decode=seek gives the full decode's model input bit for bit (L2
+    normalisation on), on both transports, reading only the crops."""
+    from cola_ray.data import shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # float WAV sources, not stationary: the estimate would differ
+        sf.write(src / f"c{i}.wav", clip(seconds=3.0, seed=i), RATE, subtype="FLOAT")
+    shards.build_shards(src, tmp_path / "shards", max_samples=8, progress=False)
+    (url,) = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    with open(url, "rb") as f:
+        samples = [members for _, members in shards.iter_samples(f, "s")]
+    for members in samples:
+        wave, _, _ = audio.decode_audio(members["flac"], RATE)
+        assert json.loads(members["json"])[audio.SUM_SQUARES_KEY] == audio._sum_squares(wave)  # the full path's
+    base = dataclasses.asdict(DataConfig(pairs_per_clip=2, block_pairs=4))
+    for transport in ("float32", "int16"):
+        fa, fp = _model_inputs(url, {**base, "transport": transport})
+        sa, sp = _model_inputs(url, {**base, "transport": transport, "decode": "seek"})
+        assert fa.shape == (6, SEG) and torch.equal(sa, fa) and torch.equal(sp, fp), transport
+    # Without the stored sum (a shard made elsewhere) seek estimates the norm: same crops, another gain.
+    data = samples[0]["flac"]
+    (ea, _), = audio.seek_crop_pairs(data, SEG, np.random.default_rng(1))
+    (xa, _), = audio.seek_crop_pairs(data, SEG, np.random.default_rng(1),
+                                     sum_squares=audio._sum_squares(audio.decode_audio(data, RATE)[0]))
+    (full, _) = audio.crop_pair(audio.decode_audio(data, RATE)[0], SEG, np.random.default_rng(1))
+    assert np.array_equal(xa, full) and not np.array_equal(ea, full)
+
+
+def test_int16_reads_are_the_float_reads_times_32768():
+    """decode_audio(pcm16=True) and seek's int16 crops: 16-bit mono sources only, exactly."""
+    for fmt in ("FLAC", "WAV"):
+        data = encode(clip(seed=2), fmt, "PCM_16")
+        pcm, _, _ = audio.decode_audio(data, RATE, pcm16=True)
+        wave, _, _ = audio.decode_audio(data, RATE)
+        assert pcm.dtype == np.int16 and np.array_equal(pcm.astype(np.float32) / 32768, wave)
+        pairs, gain = audio.crop_pcm_pairs(pcm, SEG, np.random.default_rng(4), k=2)
+        floats = [audio.crop_pair(wave, SEG, rng) for rng in [np.random.default_rng(4)] for _ in range(2)]
+        for (a, p), (fa, fp) in zip(pairs, floats):
+            assert np.array_equal((a.astype(np.float32) * np.float32(2.0 ** -15)) * gain, fa)
+            assert np.array_equal((p.astype(np.float32) * np.float32(2.0 ** -15)) * gain, fp)
+        seek_gains: list = []
+        crops = audio.seek_crop_pairs(data, SEG, np.random.default_rng(4), k=2, pcm16=True, gains=seek_gains)
+        floats = audio.seek_crop_pairs(data, SEG, np.random.default_rng(4), k=2)
+        for (a, p), (fa, fp) in zip(crops, floats):
+            assert a.dtype == np.int16
+            assert np.array_equal((a.astype(np.float32) * np.float32(2.0 ** -15)) * seek_gains[0], fa)
+    for other in (encode(clip(channels=2), "FLAC", "PCM_16"), encode(clip(), "FLAC", "PCM_24"),
+                  encode(clip(), "WAV", "FLOAT")):
+        assert audio.decode_audio(other, RATE, pcm16=True)[0].dtype == np.float32
+
+
 # ---- k pairs and collisions ----------------------------------------------------------------
 
 def test_blocks_hold_the_same_pairs_as_rows(tmp_path):

@@ -311,7 +311,10 @@ def trained(ray_local, tmp_path_factory):
 
 @pytest.mark.slow
 def test_registered_model_loads_with_mlflow_and_takes_any_batch(trained):
+    import importlib.metadata
+
     import mlflow
+    import mlflow.artifacts
     import mlflow.pytorch
 
     result, reference = trained
@@ -319,6 +322,7 @@ def test_registered_model_loads_with_mlflow_and_takes_any_batch(trained):
     mlflow.set_tracking_uri(result.tracking_uri)
     try:
         program = mlflow.pytorch.load_model(f"models:/{REGISTERED}/1")
+        requirements = mlflow.artifacts.download_artifacts(f"models:/{REGISTERED}/1/requirements.txt")
     finally:
         mlflow.set_tracking_uri(previous)
     # MLflow 3 logs pt2: a torch.export program, unlifted to an fx GraphModule.
@@ -326,6 +330,11 @@ def test_registered_model_loads_with_mlflow_and_takes_any_batch(trained):
     for batch in (1, 3, 5):
         x = waves(batch)
         assert close(embed(program, x), embed(reference, x)), batch
+    # Its environment is stated (not inferred in a subprocess): what loading it imports, pinned.
+    with open(requirements) as f:
+        pins = set(f.read().split())
+    assert f"torch=={importlib.metadata.version('torch').split('+')[0]}" in pins, pins
+    assert any(p.startswith("mlflow==") for p in pins) and any(p.startswith("numpy==") for p in pins), pins
 
 
 @pytest.mark.slow

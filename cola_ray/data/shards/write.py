@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cola_ray.data import storage
-from cola_ray.data.audio import BadSample, decode_audio
+from cola_ray.data.audio import SUM_SQUARES_KEY, BadSample, clip_sum_squares, decode_audio
 from cola_ray.data.shards.format import (
     FORMAT,
     MANIFEST,
@@ -230,6 +230,10 @@ def encode_sample(
     }
     if gain != 1.0:
         meta["gain"] = gain
+    # The stored clip's sum of squares, from its own int16 samples: data.decode=seek then
+    # normalises exactly as a full decode would, reading only the crops.
+    pcm, _, _ = decode_audio(buf.getvalue(), sample_rate, name=rel, pcm16=True)
+    meta[SUM_SQUARES_KEY] = clip_sum_squares(pcm)
     return {"flac": buf.getvalue(), "json": _dumps(meta)}
 
 
