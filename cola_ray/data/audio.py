@@ -124,7 +124,13 @@ def l2_normalize(wave: np.ndarray, eps: float = 1e-9) -> np.ndarray:
 
 def _inv_norm(wave: np.ndarray, eps: float = 1e-9) -> np.float32:
     """``1 / sqrt(max(sum(wave**2), eps))``, the sum in float64."""
-    return np.float32(1.0 / np.sqrt(max(_sum_squares(wave), eps)))
+    return _gain(_sum_squares(wave), eps)
+
+
+def _gain(sum_squares: float, eps: float = 1e-9) -> np.float32:
+    """The L2 gain from a clip's sum of squares: ``float32(1 / sqrt(max(sum_squares, eps)))``,
+    the one formula every path uses (so equal sums give equal gains)."""
+    return np.float32(1.0 / np.sqrt(max(float(sum_squares), eps)))
 
 
 def _pcm16_squares(pcm: np.ndarray) -> int:
@@ -145,7 +151,7 @@ def _inv_norm_pcm16(pcm: np.ndarray, eps: float = 1e-9) -> np.float32:
     then scaled by 2^-30. The same float32 as the float path's: there every square is a
     multiple of 2^-30 and their float64 sum is exact while below 2^23 (any clip under 2^23
     samples, 8.7 minutes at 16 kHz), so both compute the same float64 before the same root."""
-    return np.float32(1.0 / np.sqrt(max(_pcm16_squares(pcm) * 2.0 ** -30, eps)))
+    return _gain(_pcm16_squares(pcm) * 2.0 ** -30, eps)
 
 
 def _sum_squares(x: np.ndarray) -> float:
@@ -346,12 +352,12 @@ def seek_crop_pairs(
     if not l2_normalize:
         scale = np.float32(1.0)
     elif sum_squares is not None:
-        scale = np.float32(1.0 / np.sqrt(max(float(sum_squares), 1e-9)))
+        scale = _gain(sum_squares)
     else:
         # int16 crops: the float crops' squares summed exactly, as integers (see _inv_norm_pcm16).
         sq = (sum(_pcm16_squares(a) + _pcm16_squares(p) for a, p in crops) * 2.0 ** -30 if pcm
               else sum(_sum_squares(a) + _sum_squares(p) for a, p in crops))
-        scale = np.float32(1.0 / np.sqrt(max(sq * length / (2 * k * n), 1e-9)))
+        scale = _gain(sq * length / (2 * k * n))
     if gains is not None:
         gains.append(scale)
     if pcm:
