@@ -119,12 +119,15 @@ class CachedShard:
     def pcm_pairs(self, i: int, n: int, rng: np.random.Generator, *, k: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
         """The crops of :meth:`crop_pairs` (same draws, no noise) as the cached int16 samples,
         for the int16 transport: ``dequantise(pcm, q) * gain`` is what ``crop_pairs`` returns.
-        Clip i must be at least ``n`` long."""
+        Clip i must be at least ``n`` long. The crops are read-only views into the memory map
+        (they keep it open): the block that stacks them makes the one copy, where a copy here
+        too cost a quarter of the warm cache's CPU (``benchmarks/raydata_bench.py``)."""
         o = self.offsets[i]
+        pcm = self.pcm.view(np.ndarray)  # plain views: no memmap bookkeeping per slice
         out = []
         for _ in range(k):
             a0, p0 = audio.crop_offsets(self.lengths[i], n, rng)
-            out.append((self.pcm[o + a0 : o + a0 + n].copy(), self.pcm[o + p0 : o + p0 + n].copy()))
+            out.append((pcm[o + a0 : o + a0 + n], pcm[o + p0 : o + p0 + n]))
         return out
 
 
