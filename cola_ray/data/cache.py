@@ -84,7 +84,7 @@ class CachedShard:
     lengths: list[int]
     scales: list[float]
     inv_norms: list[float]
-    pcm: np.ndarray  # (total,) int16
+    pcm: np.ndarray  # (total,) int16, a read-only view of the memory-mapped file on a hit
     bad: dict[str, int]
 
     def __len__(self) -> int:
@@ -123,11 +123,10 @@ class CachedShard:
         (they keep it open): the block that stacks them makes the one copy, where a copy here
         too cost a quarter of the warm cache's CPU (``benchmarks/raydata_bench.py``)."""
         o = self.offsets[i]
-        pcm = self.pcm.view(np.ndarray)  # plain views: no memmap bookkeeping per slice
         out = []
         for _ in range(k):
             a0, p0 = audio.crop_offsets(self.lengths[i], n, rng)
-            out.append((pcm[o + a0 : o + a0 + n], pcm[o + p0 : o + p0 + n]))
+            out.append((self.pcm[o + a0 : o + a0 + n], self.pcm[o + p0 : o + p0 + n]))
         return out
 
 
@@ -153,7 +152,9 @@ class ShardCache:
             pcm_path = self.root / index["pcm"]
             if index.get("format") != FORMAT or pcm_path.stat().st_size != 2 * index["samples"]:
                 return None
-            pcm = (np.memmap(pcm_path, dtype=np.int16, mode="r") if index["samples"]
+            # A plain ndarray view of the map (it keeps the file mapped): slices of a np.memmap
+            # pay memmap's bookkeeping on every crop of a warm epoch.
+            pcm = (np.memmap(pcm_path, dtype=np.int16, mode="r").view(np.ndarray) if index["samples"]
                    else np.zeros(0, dtype=np.int16))
             os.utime(index_path)  # recency for LRU eviction
         except (OSError, ValueError, KeyError):
