@@ -69,35 +69,42 @@ import numpy as np
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root_pid: int | None = None) -> float:
-    """user+system CPU seconds of ``root_pid`` (default: this process) and all descendants.
+def proc_stat(path: str) -> tuple[str, int, float] | None:
+    """(comm, ppid, user+system CPU seconds) from /proc/<pid>[/task/<tid>]/stat; None if gone."""
+    try:
+        with open(path) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+    return stat[stat.find("(") + 1: stat.rfind(")")], int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def tree_processes(root_pid: int | None = None) -> dict[int, tuple[str, float]]:
+    """pid -> (comm, CPU seconds) of ``root_pid`` (default: this process) and all descendants.
 
     Read from /proc so it needs no psutil. Processes that exit between two readings lose
     their time; Ray's workers are long-lived, so the error is small.
     """
     root_pid = root_pid or os.getpid()
     parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
+    info: dict[int, tuple[str, float]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-    total = 0.0
-    for pid, seconds in cpu.items():
+        if entry.isdigit() and (got := proc_stat(f"/proc/{entry}/stat")):
+            parent[int(entry)], info[int(entry)] = got[1], (got[0], got[2])
+    out = {}
+    for pid, comm_cpu in info.items():
         p, hops = pid, 0
         while p and p != root_pid and hops < 64:
             p, hops = parent.get(p, 0), hops + 1
         if p == root_pid:
-            total += seconds
-    return total
+            out[pid] = comm_cpu
+    return out
+
+
+def tree_cpu_seconds(root_pid: int | None = None) -> float:
+    """user+system CPU seconds of ``root_pid`` (default: this process) and all descendants."""
+    return sum(cpu for _, cpu in tree_processes(root_pid).values())
 
 
 def blas_threads(n: int) -> Any:

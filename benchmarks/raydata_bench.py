@@ -38,25 +38,11 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 
 from pipeline_bench import data_cfg, make_big_shard, make_shards, single_run
-from pretrain_bench import loadavg, log, med, print_table
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_cpu(path: str) -> tuple[str, int, float] | None:
-    """(comm, ppid, user+system seconds) of /proc/<pid>[/task/<tid>]/stat, None if gone."""
-    try:
-        with open(path) as f:
-            stat = f.read()
-    except OSError:
-        return None
-    comm = stat[stat.find("(") + 1: stat.rfind(")")]
-    fields = stat[stat.rfind(")") + 2:].split()
-    return comm, int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
-
+from pretrain_bench import loadavg, log, med, print_table, proc_stat, tree_processes
 
 def _cmdline(pid: int) -> str:
     try:
@@ -74,7 +60,11 @@ def _role(pid: int, comm: str) -> str:
         return "gcs_server"
     title = cmd.split(" ", 1)[0]
     if title.startswith("ray::"):  # a worker's process title: its task, its actor or IDLE
-        return "ray::decode task / idle worker" if title.startswith(("ray::MapBatches", "ray::IDLE")) else title
+        if title.startswith(("ray::MapBatches", "ray::IDLE")):
+            return "ray::decode task / idle worker"
+        # An actor is titled ray::Class.method while a method runs: one role per actor, so
+        # its cumulative CPU never moves between rows from one reading to the next.
+        return title.split(".", 1)[0]
     return "other Ray processes"
 
 
@@ -84,22 +74,11 @@ def snapshot() -> dict[str, float]:
     out: dict[str, float] = {}
     main_tid = threading.main_thread().native_id
     for tid in os.listdir(f"/proc/{me}/task"):
-        got = _stat_cpu(f"/proc/{me}/task/{tid}/stat")
-        if got:
+        if got := proc_stat(f"/proc/{me}/task/{tid}/stat"):
             role = "driver: consumer (main thread)" if int(tid) == main_tid else "driver: other threads"
             out[role] = out.get(role, 0.0) + got[2]
-    parent: dict[int, int] = {}
-    info: dict[int, tuple[str, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            got = _stat_cpu(f"/proc/{entry}/stat")
-            if got:
-                parent[int(entry)], info[int(entry)] = got[1], (got[0], got[2])
-    for pid, (comm, cpu) in info.items():
-        p, hops = pid, 0
-        while p and p != me and hops < 64:
-            p, hops = parent.get(p, 0), hops + 1
-        if p == me:
+    for pid, (comm, cpu) in tree_processes(me).items():
+        if pid != me:  # this process is counted by thread above
             role = _role(pid, comm)
             out[role] = out.get(role, 0.0) + cpu
     return out
@@ -109,7 +88,7 @@ def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(after) | set(before)}
 
 
-def ray_measure(urls: list[str], passes: int, cache_dir: str) -> dict[str, float]:
+def ray_measure(urls: list[str], passes: int, cache_dir: str) -> dict[str, Any]:
     """One read_pairs execution over ``passes`` x ``urls``: pairs, wall seconds, CPU by role."""
     from cola_ray.config import DataConfig
     from cola_ray.data.pipeline import read_pairs
@@ -121,7 +100,7 @@ def ray_measure(urls: list[str], passes: int, cache_dir: str) -> dict[str, float
     for batch in read_pairs(data, urls=urls * passes).iter_batches(batch_size=64, batch_format="numpy"):
         n += len(batch["anchor"])
     wall = time.perf_counter() - t0
-    return {"pairs": n, "wall": wall, **diff(snapshot(), before)}
+    return {"pairs": n, "wall": wall, "cpu": diff(snapshot(), before)}
 
 
 def idle_rates(seconds: float) -> dict[str, float]:
@@ -161,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}  # "<path> short|long" -> Ray Data executions
+    singles: dict[str, list[dict[str, float]]] = {}  # path -> single-loop runs
     idle: list[dict[str, float]] = []
     try:
         small = make_shards(workdir, args.clips, 10.0, args.clips)["flac"][0]
@@ -179,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             for path, cache, short in (("full", "", args.passes or 1), ("cache-warm", cache_dir, args.passes or 4)):
                 cfg = data_cfg("full", 1, cache)
                 single = single_run([big], cfg, short)
-                results.setdefault(f"{path} single", []).append(single)
+                singles.setdefault(path, []).append(single)
                 for label, passes in (("short", short), ("long", 4 * short)):
                     r = ray_measure([big], passes, cache)
                     results.setdefault(f"{path} {label}", []).append(r)
-                    cpu = sum(v for k, v in r.items() if k not in ("pairs", "wall"))
+                    cpu = sum(r["cpu"].values())
                     log(f"{path:10s} {label:5s} {r['pairs']:6d} pairs {r['wall']:6.2f} s wall {cpu:6.2f} CPU-s; "
                         f"single {single['per_cpu_s']:.0f} /CPU-s")
     finally:
@@ -192,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if own_tmp is not None:
             own_tmp.cleanup()
 
-    seen = {k for runs in results.values() for r in runs for k in r} | {k for d in idle for k in d}
-    ROLES = BASE_ROLES + sorted(seen - set(BASE_ROLES) - {"pairs", "wall", "pairs_s", "per_cpu_s", "passes"})
+    seen = {k for runs in results.values() for r in runs for k in r["cpu"]}
+    ROLES = BASE_ROLES + sorted((seen | {k for d in idle for k in d}) - set(BASE_ROLES))
     idle_med = {k: med([d.get(k, 0.0) for d in idle]) for k in ROLES}
     print()
     print(f"command: {command}")
@@ -202,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table("IDLE: cores Ray's processes burn with nothing running (5 s)", ["role", "cores"],
                 [[k, f"{idle_med[k]:.4f}"] for k in ROLES] + [["all", f"{sum(idle_med.values()):.4f}"]])
     for path in ("full", "cache-warm"):
-        single_ms = 1000 * med([1 / r["per_cpu_s"] for r in results[f"{path} single"]])
+        single_ms = 1000 * med([1 / r["per_cpu_s"] for r in singles[path]])
         rows, totals = [], {}
         for label in ("short", "long"):
             runs = results[f"{path} {label}"]
             totals[label] = {"pairs": med([r["pairs"] for r in runs]), "wall": med([r["wall"] for r in runs]),
-                             **{k: med([r.get(k, 0.0) for r in runs]) for k in ROLES}}
+                             **{k: med([r["cpu"].get(k, 0.0) for r in runs]) for k in ROLES}}
         s, l_ = totals["short"], totals["long"]
         d_pairs = l_["pairs"] - s["pairs"]
         d_wall = l_["wall"] - s["wall"]
